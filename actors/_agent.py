@@ -1,0 +1,109 @@
+"""Agents: model configuration, instructions, tools and budgets, found by importable name.
+
+A checkpoint refers to its agent as ``"package.module:attribute"`` plus a
+version, never by pickled code: any node with the package installed imports
+it and resumes the run. Define agents at module level in an importable module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from undying.persistence import UndyingError
+
+from ._state import Budgets, Context, ModelSpec, SecretRef, ToolInfo
+from ._tools import BUILTIN_SCHEMAS, Tool
+
+
+class AgentNotFound(UndyingError):
+    pass
+
+
+class Agent:
+    def __init__(self, name: str, *, version: str = "1", instructions: str = "",
+                 model: ModelSpec | str = "scripted:research", tools: Iterable[Tool] = (),
+                 budgets: Budgets | None = None, config: dict[str, Any] | None = None,
+                 secrets: dict[str, SecretRef] | None = None, memory: bool = True,
+                 ref: str | None = None) -> None:
+        self.name = name
+        self.version = version
+        self.instructions = instructions
+        self.model = parse_model_spec(model) if isinstance(model, str) else model
+        self.tools: dict[str, Tool] = {}
+        for t in tools:
+            if not isinstance(t, Tool):
+                raise TypeError(f"agent {name!r}: {t!r} is not a tool; decorate it with @tool")
+            if t.name in self.tools or t.name in BUILTIN_SCHEMAS:
+                raise ValueError(f"agent {name!r}: two tools are named {t.name!r}")
+            self.tools[t.name] = t
+        self.memory = memory
+        self.budgets = budgets or Budgets()
+        self.config = dict(config or {})
+        self.secrets = dict(secrets or {})
+        self._ref = ref
+        # where it was defined, to find its importable name later
+        self._module = sys._getframe(1).f_globals.get("__name__", "")
+
+    @property
+    def ref(self) -> str:
+        if self._ref:
+            return self._ref
+        mod = sys.modules.get(self._module)
+        if mod is not None and self._module != "__main__":
+            for attr, value in vars(mod).items():
+                if value is self:
+                    self._ref = f"{self._module}:{attr}"
+                    return self._ref
+        raise AgentNotFound(
+            f"agent {self.name!r} has no importable name: define it at module level in an "
+            "importable module (not __main__), or pass ref='package.module:attribute'"
+        )
+
+    def tool_infos(self) -> dict[str, ToolInfo]:
+        infos = {n: ToolInfo(name=n, side_effect=t.side_effect) for n, t in self.tools.items()}
+        if self.memory:
+            for n in BUILTIN_SCHEMAS:
+                infos[n] = ToolInfo(name=n, side_effect="pure", builtin=True)
+        return infos
+
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        out = [t.schema() for t in self.tools.values()]
+        if self.memory:
+            out.extend(BUILTIN_SCHEMAS.values())
+        return out
+
+    def context(self) -> Context:
+        return Context(agent_ref=self.ref, agent_version=self.version,
+                       instructions=self.instructions, model=self.model,
+                       tools=self.tool_infos(), budgets=self.budgets, config=self.config,
+                       secrets=self.secrets, created_ms=int(time.time() * 1000))
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    provider, _, name = text.partition(":")
+    return ModelSpec(provider=provider, name=name or "default")
+
+
+def load_agent(ref: str, version: str | None = None) -> Agent:
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise AgentNotFound(f"agent reference {ref!r} is not of the form 'module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AgentNotFound(
+            f"agent {ref!r}: cannot import {module_name} ({exc}); install it on every node"
+        ) from None
+    agent = getattr(module, attr, None)
+    if not isinstance(agent, Agent):
+        raise AgentNotFound(f"agent {ref!r}: {attr} in {module_name} is not an Agent")
+    if version is not None and agent.version != version:
+        raise AgentNotFound(
+            f"agent {ref!r}: the checkpoint was written by version {version}, the installed "
+            f"agent is version {agent.version}; install the matching version to resume"
+        )
+    return agent

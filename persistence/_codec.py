@@ -1,0 +1,91 @@
+"""Codec: msgpack of pydantic models, a schema version in every record.
+
+Every stored record is a msgpack map ``{"v": version, "k": kind, "d": data}``
+where ``data`` holds plain types only (``model_dump(mode="json")``). There is
+no pickle anywhere: decoding never executes code, and a record that does not
+fit its schema is refused with `CorruptCheckpoint` naming the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ValidationError
+
+from ._errors import CorruptCheckpoint, RecordTooLarge
+
+SCHEMA_VERSION = 1
+MAX_RECORD_BYTES = 32 << 20
+
+M = TypeVar("M", bound=BaseModel)
+
+# (kind, version) -> function that lifts data of that version to version + 1.
+# Released versions keep a golden file under tests/golden so a migration that
+# breaks old data fails a test, not a user.
+MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def pack(kind: str, data: Any, *, run_id: str = "?", limit: int = MAX_RECORD_BYTES) -> bytes:
+    """Encode plain data (already JSON-shaped) as a versioned record."""
+    out: bytes = msgpack.packb({"v": SCHEMA_VERSION, "k": kind, "d": data}, use_bin_type=True)
+    if len(out) > limit:
+        raise RecordTooLarge(run_id, len(out), limit)
+    return out
+
+
+def encode(kind: str, record: BaseModel, *, run_id: str = "?", limit: int = MAX_RECORD_BYTES) -> bytes:
+    return pack(kind, record.model_dump(mode="json"), run_id=run_id, limit=limit)
+
+
+def unpack(kind: str, raw: bytes, *, run_id: str, limit: int = MAX_RECORD_BYTES) -> Any:
+    """Decode a record's plain data, migrating old versions. Any defect is `CorruptCheckpoint`."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise CorruptCheckpoint(run_id, f"{kind} record is {type(raw).__name__}, not bytes")
+    if len(raw) > limit:
+        raise CorruptCheckpoint(run_id, f"{kind} record of {len(raw)} bytes exceeds {limit}")
+    try:
+        envelope = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise CorruptCheckpoint(run_id, f"{kind} record is not valid msgpack: {exc}") from None
+    if not isinstance(envelope, dict) or set(envelope) != {"v", "k", "d"}:
+        raise CorruptCheckpoint(run_id, f"{kind} record has no version envelope")
+    version, got_kind, data = envelope["v"], envelope["k"], envelope["d"]
+    if got_kind != kind:
+        raise CorruptCheckpoint(run_id, f"expected a {kind} record, found {got_kind!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptCheckpoint(run_id, f"{kind} record has an invalid version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise CorruptCheckpoint(
+            run_id,
+            f"{kind} record has schema v{version}, this undying reads up to "
+            f"v{SCHEMA_VERSION}: upgrade undying on every node",
+        )
+    while version < SCHEMA_VERSION:
+        migrate = MIGRATIONS.get((kind, version))
+        if migrate is None:
+            raise CorruptCheckpoint(run_id, f"no migration for {kind} v{version}")
+        data = migrate(data)
+        version += 1
+    return data
+
+
+def decode(kind: str, model: type[M], raw: bytes, *, run_id: str, limit: int = MAX_RECORD_BYTES) -> M:
+    data = unpack(kind, raw, run_id=run_id, limit=limit)
+    return validate(kind, model, data, run_id=run_id)
+
+
+def validate(kind: str, model: type[M], data: Any, *, run_id: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "<root>"
+        raise CorruptCheckpoint(
+            run_id, f"{kind} record fails its schema at {where}: {first.get('msg')}"
+        ) from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(run_id, f"{kind} record fails its schema: {exc}") from None

@@ -53,10 +53,15 @@ class Agent:
         if self._ref:
             return self._ref
         mod = sys.modules.get(self._module)
-        if mod is not None and self._module != "__main__":
+        name = self._module
+        if name == "__main__" and mod is not None:
+            # `python -m package.module` runs it as __main__; its import name is on the spec
+            spec = getattr(mod, "__spec__", None)
+            name = spec.name if spec is not None else ""
+        if mod is not None and name and name != "__main__":
             for attr, value in vars(mod).items():
                 if value is self:
-                    self._ref = f"{self._module}:{attr}"
+                    self._ref = f"{name}:{attr}"
                     return self._ref
         raise AgentNotFound(
             f"agent {self.name!r} has no importable name: define it at module level in an "

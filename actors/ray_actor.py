@@ -34,11 +34,13 @@ class RunActor:
         self.engine: RunEngine | None = None
         self.task: asyncio.Task[Any] | None = None
 
-    async def run(self) -> dict[str, Any]:
-        """Activate the run and handle its messages until it ends; then the actor exits.
+    async def start(self) -> dict[str, Any]:
+        """Activate the run and return once it is running; idempotent.
 
-        The caller may hold this call's reference to learn of the actor's death
-        (it fails with ActorDiedError) without polling.
+        The step loop runs as a task of the actor's own event loop, so it does
+        not depend on the caller: a CLI that resumes a run and exits leaves the
+        run going. (A call still queued at its caller when the caller exits is
+        dropped by Ray, so callers wait for this one to return.)
         """
         if self.task is None:
             store = RedisStore(self.redis_url)
@@ -46,15 +48,40 @@ class RunActor:
                 self.run_id, store,
                 effect_concurrency=int(self.options.get("effect_concurrency", 8)),
                 compact_ratio=float(self.options.get("compact_ratio", 2.0)))
-            self.task = asyncio.get_running_loop().create_task(self.engine.run())
+            activated: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.task = asyncio.get_running_loop().create_task(self._main(activated))
+            await activated
+            await asyncio.sleep(0)  # let a failed activation finish the task
+        if self.task.done():
+            return self.task.result()  # type: ignore[no-any-return]
+        return await self.info()
+
+    async def _main(self, activated: asyncio.Future[None]) -> dict[str, Any]:
+        assert self.engine is not None
         try:
-            state = await asyncio.shield(self.task)
+            try:
+                await self.engine.activate()
+            finally:
+                if not activated.done():
+                    activated.set_result(None)
+            state = await self.engine.run()
             outcome = {"run_id": self.run_id, "status": state.status, "step": state.step}
         except Fenced as exc:
             outcome = {"run_id": self.run_id, "status": "fenced", "error": str(exc)}
+        except Exception as exc:
+            outcome = {"run_id": self.run_id, "status": "crashed",
+                       "error": f"{type(exc).__name__}: {exc}"}
         # the work is done or owned by another incarnation: give the process back
-        asyncio.get_running_loop().call_later(0.05, _exit_self)
+        asyncio.get_running_loop().call_later(0.2, _exit_self)
         return outcome
+
+    async def wait(self) -> dict[str, Any]:
+        """Returns when the run ends here. Holding this call's reference tells the
+        holder of the actor's death (ActorDiedError) without polling."""
+        if self.task is None:
+            await self.start()
+        assert self.task is not None
+        return await asyncio.shield(self.task)
 
     async def deliver(self) -> bool:
         """Wake-up: a message was stored in this run's inbox."""

@@ -155,7 +155,10 @@ class Undying:
         actor = RunActor.options(  # type: ignore[attr-defined]
             name=actor_name(run_id), namespace=self.settings.namespace, lifetime="detached",
         ).remote(run_id, self.redis_url, self.actor_options)
-        self._refs[run_id] = actor.run.remote()
+        started = ray.get(actor.start.remote())
+        if started.get("status") in ("crashed", "fenced"):
+            raise UndyingError(f"run {run_id!r} could not be activated: {started.get('error')}")
+        self._refs[run_id] = actor.wait.remote()
 
     def actor_info(self, run_id: str, timeout: float = 5.0) -> dict[str, Any] | None:
         import ray

@@ -1,0 +1,66 @@
+"""Shared fixtures: real redis-servers on free ports, one local Ray per session.
+
+Every server and Ray instance a test starts is stopped here; processes are
+killed only by pid. The machine's own Redis on 6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from undying.persistence import RedisServer, RedisStore  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="undying-tests-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_root: Path) -> Iterator[RedisServer]:
+    """One shared server for the session (appendfsync always: nothing acknowledged is lost)."""
+    server = RedisServer(tmp_root / "redis-shared", appendfsync="always").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[RedisStore]:
+    s = RedisStore(redis_server.url, unavailable_s=20)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def private_redis(tmp_root: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, to kill and restart."""
+    server = RedisServer(tmp_root / f"redis-{uuid.uuid4().hex[:8]}", appendfsync="always").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2,
+             object_store_memory=100 << 20, namespace="undying-tests")
+    yield
+    ray.shutdown()
+
+
+def unique_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

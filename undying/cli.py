@@ -1,0 +1,220 @@
+"""The `undying` command: a thin layer over the Python API.
+
+Errors are one readable line on stderr and a non-zero exit code; set
+UNDYING_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+DEMO_QUESTIONS = [
+    "How do fencing tokens stop zombie writers, and what is a lease?",
+    "What does appendfsync always guarantee, and what can everysec lose?",
+    "What is full jitter in exponential back-off, and how does Retry-After help?",
+]
+
+
+def _client() -> Any:
+    from undying import connect
+
+    return connect()
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:7.1f} ms"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from undying.actors.research import agent, slow_agent
+
+    ud = _client()
+    use = slow_agent(args.latency) if args.latency > 0 else agent
+    print(f"undying demo: research agent (offline scripted model) on the bundled corpus; "
+          f"Redis {ud.redis_url.split('@')[-1]}")
+    t0 = time.monotonic()
+    handles = [ud.start(use, q) for q in DEMO_QUESTIONS[: args.questions]]
+    for h, q in zip(handles, DEMO_QUESTIONS, strict=False):
+        print(f"  started {h.run_id}: {q}")
+    afters = {h.run_id: "0-0" for h in handles}
+    done: dict[str, Any] = {}
+    while len(done) < len(handles):
+        for h in handles:
+            if h.run_id in done:
+                continue
+            events = ud.store.read_events(h.run_id, afters[h.run_id], 100, block_ms=200)
+            for entry in events:
+                afters[h.run_id] = entry.entry_id
+                from undying.actors import StepEvent
+                from undying.persistence import decode
+
+                ev = decode("event", StepEvent, entry.data, run_id=h.run_id)
+                print(f"  {h.run_id} step {ev.step:3d} {ev.kind:<12} {ev.summary[:60]}")
+                if ev.status in ("finished", "failed", "cancelled", "quarantined"):
+                    done[h.run_id] = ev
+        if time.monotonic() - t0 > args.timeout:
+            print(f"undying: error: demo did not finish in {args.timeout}s", file=sys.stderr)
+            return 1
+    print()
+    for h in handles:
+        res = h.result()
+        print(f"== {h.run_id} ({res.status}, {res.steps} steps, {res.tool_calls} tool calls)")
+        print(res.answer or res.error)
+        print()
+    print(f"done in {time.monotonic() - t0:.1f}s. Try: undying history {handles[0].run_id}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from undying.actors import load_agent
+
+    ud = _client()
+    agent = load_agent(args.agent)
+    h = ud.start(agent, args.task, run_id=args.run_id)
+    print(f"run {h.run_id} started")
+    if args.no_wait:
+        return 0
+    return _follow(ud, h.run_id, args.timeout)
+
+
+def _follow(ud: Any, run_id: str, timeout: float) -> int:
+    for _, ev in ud.watch(run_id, timeout=timeout):
+        print(f"  step {ev.step:3d} {ev.kind:<12} {ev.summary[:70]}")
+    res = ud.wait(run_id)
+    print(res.answer if res.status == "finished" else f"{res.status}: {res.error}")
+    return 0 if res.status == "finished" else 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ud = _client()
+    if args.run:
+        info = ud.info(args.run)
+        row = {"run_id": info.run_id, "status": info.status, "step": info.step,
+               "epoch": info.epoch, "agent": info.agent, "reason": info.reason}
+        if args.json:
+            print(json.dumps(row))
+        else:
+            for k, v in row.items():
+                print(f"{k:>8}: {v}")
+        return 0
+    runs = ud.runs(args.state)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in runs]))
+        return 0
+    if not runs:
+        print("no runs")
+    for r in runs:
+        print(f"{r.run_id}  {r.status:<11} step {r.step:4d}  epoch {r.epoch}  {r.reason[:60]}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    ud = _client()
+    events = ud.history(args.run)
+    if args.json:
+        print(json.dumps([e.model_dump(mode="json") for e in events]))
+        return 0
+    print(f"{'step':>4}  {'kind':<12} {'status':<9} {'epoch':>5} {'duration':>10} "
+          f"{'bytes':>7}  summary")
+    for e in events:
+        size = e.snapshot_bytes or e.delta_bytes
+        mark = "S" if e.snapshot_bytes else " "
+        print(f"{e.step:4d}  {e.kind:<12} {e.status:<9} {e.epoch:5d} {_fmt_ms(e.duration_ms)} "
+              f"{size:6d}{mark}  {e.summary[:60]}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    ud = _client()
+    h = ud.resume(args.run)
+    print(f"run {h.run_id} resumed from step {h.status().step}")
+    if args.no_wait:
+        return 0
+    return _follow(ud, h.run_id, args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    ud = _client()
+    ud.cancel(args.run, args.reason)
+    print(f"cancel sent to {args.run}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="undying", description="Durable execution for AI agents.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="run the research agent on the bundled corpus")
+    d.add_argument("--questions", type=int, default=3)
+    d.add_argument("--latency", type=float, default=0.2, help="simulated model latency, seconds")
+    d.add_argument("--timeout", type=float, default=120.0)
+    d.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("run", help="start a run of an agent on a task")
+    r.add_argument("task")
+    r.add_argument("--agent", default="undying.actors.research:agent",
+                   help="importable agent, module:attribute")
+    r.add_argument("--run-id")
+    r.add_argument("--no-wait", action="store_true")
+    r.add_argument("--timeout", type=float, default=600.0)
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("status", help="one run, or every run")
+    s.add_argument("run", nargs="?")
+    s.add_argument("--state", help="only runs in this state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    h = sub.add_parser("history", help="every step of a run")
+    h.add_argument("run")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_history)
+
+    rs = sub.add_parser("resume", help="resume a run from its latest checkpoint")
+    rs.add_argument("run")
+    rs.add_argument("--no-wait", action="store_true")
+    rs.add_argument("--timeout", type=float, default=600.0)
+    rs.set_defaults(fn=cmd_resume)
+
+    c = sub.add_parser("cancel", help="cancel a run")
+    c.add_argument("run")
+    c.add_argument("--reason", default="cancelled by user")
+    c.set_defaults(fn=cmd_cancel)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        print("undying: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("UNDYING_DEBUG"):
+            raise
+        from undying.persistence import UndyingError
+
+        kind = "error" if isinstance(exc, UndyingError) else type(exc).__name__
+        print(f"undying: {kind}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _shutdown()
+
+
+def _shutdown() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -107,7 +107,8 @@ def load_state(store: CheckpointStore, run_id: str) -> tuple[RunState, Any]:
 class RunEngine:
     def __init__(self, run_id: str, store: CheckpointStore, *, effect_concurrency: int = 8,
                  compact_ratio: float = 2.0, ledger: Any = None,
-                 model_factory: Callable[[Any], Model] | None = None) -> None:
+                 model_factory: Callable[[Any], Model] | None = None,
+                 lease_ttl_s: float | None = None, owner: str = "") -> None:
         self.run_id = run_id
         self.store = store
         self.effect_concurrency = effect_concurrency
@@ -127,13 +128,22 @@ class RunEngine:
         self.tasks: set[asyncio.Task[None]] = set()
         self.sem: asyncio.Semaphore
         self.fenced: Fenced | None = None
+        # liveness: a lease renewed every ttl/3 by the current epoch only
+        self.lease_ttl_s = lease_ttl_s
+        self.owner = owner
+        self.stop_reason: str | None = None
+        self.lease_task: asyncio.Task[None] | None = None
 
     # -- activation ---------------------------------------------------------
 
-    async def activate(self) -> RunState:
+    async def activate(self, epoch: int | None = None) -> RunState:
+        """Load and resume. ``epoch``: one the launcher already claimed for this incarnation."""
         self.queue = asyncio.Queue()
         self.sem = asyncio.Semaphore(self.effect_concurrency)
-        self.epoch = self.store.claim_epoch(self.run_id)
+        self.epoch = epoch if epoch is not None else self.store.claim_epoch(self.run_id)
+        if self.lease_ttl_s:
+            self._renew()  # before any work: a superseded epoch stops here
+            self.lease_task = asyncio.get_running_loop().create_task(self._keep_lease())
         state, loaded = load_state(self.store, self.run_id)
         self.state = state
         self.seen = set(loaded.seen)
@@ -180,8 +190,10 @@ class RunEngine:
             await self.activate()
         assert self.state is not None
         try:
-            while self.state.status not in TERMINAL:
+            while self.state.status not in TERMINAL and self.stop_reason is None:
                 msg, entry_id, t0, done = await self.queue.get()
+                if msg is None:
+                    continue  # a stop request: the loop condition decides
                 try:
                     self.step(msg, entry_id, t0)
                 finally:
@@ -190,7 +202,38 @@ class RunEngine:
         finally:
             for t in list(self.tasks):
                 t.cancel()
+            if self.lease_task is not None:
+                self.lease_task.cancel()
+        if self.fenced is not None:
+            raise self.fenced
+        if self.lease_ttl_s and self.state.status in TERMINAL:
+            self.store.release_lease(self.run_id, self.epoch, done=True)  # type: ignore[attr-defined]
         return self.state
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step (graceful drain, or superseded)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.queue.put_nowait((None, None, 0.0, None))  # type: ignore[arg-type]
+
+    def _renew(self) -> None:
+        assert self.lease_ttl_s is not None
+        self.store.renew_lease(  # type: ignore[attr-defined]
+            self.run_id, self.epoch, self.owner or f"epoch {self.epoch}",
+            int(self.lease_ttl_s * 1000))
+
+    async def _keep_lease(self) -> None:
+        assert self.lease_ttl_s is not None
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            try:
+                await asyncio.to_thread(self._renew)
+            except Fenced as exc:
+                self.fenced = exc
+                self.request_stop("fenced")
+                return
+            except UndyingError:
+                continue  # store down: keep trying; the commit path will wait for it too
 
     def step(self, msg: Message, entry_id: str | None, t0: float) -> None:
         assert self.state is not None

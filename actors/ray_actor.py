@@ -1,38 +1,52 @@
-"""`RunActor`: one named, detached Ray actor per run, a thin adapter around `RunEngine`.
+"""`RunActor`: one named, detached Ray actor per run incarnation, a thin adapter around `RunEngine`.
 
 Run actors use no Ray restarts and no task retries (RAY-NOTES: a Ray restart
 re-runs the constructor with no state, and a task retry silently executes a
-call twice). The actor is recreated from its checkpoint instead, under a new
-epoch, by whoever resumes the run. It exits when its run ends or when a
-commit is fenced (another incarnation owns the run).
+call twice). A run is recreated from its checkpoint instead, under a new
+epoch that its launcher claims first. The actor's name carries that epoch
+(``run:<id>@<epoch>``): a paused zombie keeps its own name, so the new
+incarnation can start beside it, and the zombie's commits are then fenced.
+
+The actor holds a lease in Redis while it runs. It exits when its run ends or
+is fenced. On SIGTERM (a deploy, a drained node) Ray exits the worker and runs
+its atexit hooks: the hook gives the lease back at once, so the supervisor
+restarts the run without waiting out the lease; the step in progress is
+either committed already or abandoned and redelivered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 from typing import Any
 
 import ray
+
 from undying.persistence import Fenced, RedisStore
 
 from ._engine import RunEngine
 
 NAMESPACE_DEFAULT = "undying"
+LEASE_TTL_S = 3.0
 
 
-def actor_name(run_id: str) -> str:
-    return f"run:{run_id}"
+def actor_name(run_id: str, epoch: int) -> str:
+    return f"run:{run_id}@{epoch}"
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
 class RunActor:
-    def __init__(self, run_id: str, redis_url: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_id: str, redis_url: str, epoch: int | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.run_id = run_id
         self.redis_url = redis_url
+        self.epoch = epoch
         self.options = dict(options or {})
         self.engine: RunEngine | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.node_id = ray.get_runtime_context().get_node_id()
+        atexit.register(self._drain)
 
     async def start(self) -> dict[str, Any]:
         """Activate the run and return once it is running; idempotent.
@@ -44,10 +58,13 @@ class RunActor:
         """
         if self.task is None:
             store = RedisStore(self.redis_url)
+            ttl = self.options.get("lease_ttl_s", LEASE_TTL_S)
             self.engine = RunEngine(
                 self.run_id, store,
                 effect_concurrency=int(self.options.get("effect_concurrency", 8)),
-                compact_ratio=float(self.options.get("compact_ratio", 2.0)))
+                compact_ratio=float(self.options.get("compact_ratio", 2.0)),
+                lease_ttl_s=float(ttl) if ttl else None,
+                owner=f"{self.epoch}|{self.node_id}|{os.getpid()}")
             activated: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.task = asyncio.get_running_loop().create_task(self._main(activated))
             await activated
@@ -60,7 +77,7 @@ class RunActor:
         assert self.engine is not None
         try:
             try:
-                await self.engine.activate()
+                await self.engine.activate(self.epoch)
             finally:
                 if not activated.done():
                     activated.set_result(None)
@@ -92,15 +109,24 @@ class RunActor:
 
     async def info(self) -> dict[str, Any]:
         e = self.engine
-        ctx = ray.get_runtime_context()
         return {
             "run_id": self.run_id,
             "pid": os.getpid(),
-            "node_id": ctx.get_node_id(),
-            "epoch": e.epoch if e else 0,
+            "node_id": self.node_id,
+            "epoch": e.epoch if e else self.epoch,
             "step": e.state.step if e and e.state else 0,
             "status": e.state.status if e and e.state else "activating",
         }
+
+    def _drain(self) -> None:
+        e = self.engine
+        if e is None or e.state is None or e.fenced is not None:
+            return
+        try:
+            e.stop_reason = "draining"
+            e.store.release_lease(self.run_id, e.epoch, done=False)  # type: ignore[attr-defined]
+        except Exception:
+            pass  # the lease then simply expires
 
 
 def _exit_self() -> None:

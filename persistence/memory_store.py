@@ -43,6 +43,7 @@ class MemoryStore:
         self._ids = itertools.count(1)
         self._cond = threading.Condition(self._lock)
         self.counters_: dict[str, int] = {}
+        self._leases: dict[str, tuple[str, int]] = {}  # run id -> (owner, expiry ms)
 
     def _new_id(self) -> str:
         return f"{int(time.time() * 1000)}-{next(self._ids)}"
@@ -141,6 +142,7 @@ class MemoryStore:
     def delete(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
+            self._leases.pop(run_id, None)
 
     def send(self, run_id: str, message: bytes) -> str:
         with self._cond:
@@ -167,6 +169,42 @@ class MemoryStore:
                 self._cond.wait(block_ms / 1000)
                 rows = _after(self._get(run_id).events, after)[:count]
         return [EventEntry(eid, data) for eid, data in rows]
+
+    def renew_lease(self, run_id: str, epoch: int, owner: str, ttl_ms: int) -> None:
+        with self._lock:
+            cur = int(self._get(run_id).meta["epoch"])
+            if cur != epoch:
+                raise Fenced(run_id, epoch, cur)
+            self._leases[run_id] = (owner, int(time.time() * 1000) + ttl_ms)
+
+    def release_lease(self, run_id: str, epoch: int, *, done: bool) -> bool:
+        with self._lock:
+            if int(self._get(run_id).meta["epoch"]) != epoch:
+                return False
+            if done:
+                self._leases.pop(run_id, None)
+            else:
+                self._leases[run_id] = ("", 0)
+            return True
+
+    def lease_owner(self, run_id: str) -> str | None:
+        with self._lock:
+            owner, exp = self._leases.get(run_id, ("", 0))
+            return owner if owner and exp > time.time() * 1000 else None
+
+    def expired_leases(self, now_ms: int | None = None, count: int = 1000) -> list[tuple[str, int]]:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            rows = sorted((exp, rid) for rid, (_, exp) in self._leases.items() if exp <= now)
+        return [(rid, exp) for exp, rid in rows[:count]]
+
+    def leases(self) -> dict[str, int]:
+        with self._lock:
+            return {rid: exp for rid, (_, exp) in self._leases.items()}
+
+    def forget_lease(self, run_id: str) -> None:
+        with self._lock:
+            self._leases.pop(run_id, None)
 
     def ledger_record(self, run_id: str, tool: str, key: str) -> int:
         with self._lock:

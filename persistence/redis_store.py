@@ -151,6 +151,32 @@ redis.call('HSET', KEYS[2], ARGV[1], 'quarantined')
 return 'OK'
 """
 
+# KEYS: meta lease leases  ARGV: run_id epoch owner ttl_ms now_ms
+# A lease is renewed only by the current epoch: a zombie learns here that it is
+# superseded even when it has nothing to commit.
+_RENEW = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
+if cur == -1 then return {'NOTFOUND', 0} end
+if cur ~= tonumber(ARGV[2]) then return {'FENCED', cur} end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + tonumber(ARGV[4]), ARGV[1])
+return {'OK', cur}
+"""
+
+# KEYS: meta lease leases  ARGV: run_id epoch done
+# done=1: the run ended here, nobody needs to watch it; done=0: expire now, so the
+# supervisor restarts the run at once instead of waiting out the lease.
+_RELEASE = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
+if cur ~= tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2])
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[3], ARGV[1])
+else redis.call('ZADD', KEYS[3], 0, ARGV[1]) end
+return 1
+"""
+
+LEASES = "ud:leases"
+
 _RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger", "lease")
 
 
@@ -185,6 +211,8 @@ class RedisStore:
         self._claim = self.r.register_script(_CLAIM)
         self._send = self.r.register_script(_SEND)
         self._quarantine = self.r.register_script(_QUARANTINE)
+        self._renew = self.r.register_script(_RENEW)
+        self._release = self.r.register_script(_RELEASE)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -347,6 +375,7 @@ class RedisStore:
             p = self.r.pipeline(transaction=True)
             p.delete(*(_k(run_id, part) for part in _RUN_PARTS))
             p.hdel(INDEX, run_id)
+            p.zrem(LEASES, run_id)
             if status is not None:
                 p.srem(_state_key(_s(status)), run_id)
             p.execute()
@@ -382,6 +411,44 @@ class RedisStore:
         if not res:
             return []
         return [EventEntry(_s(eid), f[b"e"]) for eid, f in res[0][1]]
+
+    # -- leases ---------------------------------------------------------------
+
+    def renew_lease(self, run_id: str, epoch: int, owner: str, ttl_ms: int) -> None:
+        """Hold or extend the run's lease for this epoch; `Fenced` if superseded."""
+        now = int(time.time() * 1000)
+        res = self._retry(lambda: self._renew(
+            keys=[_k(run_id, "meta"), _k(run_id, "lease"), LEASES],
+            args=[run_id, epoch, owner, ttl_ms, now]))
+        tag = _s(res[0])
+        if tag == "FENCED":
+            raise Fenced(run_id, epoch, int(res[1]))
+        if tag == "NOTFOUND":
+            raise RunNotFound(run_id)
+
+    def release_lease(self, run_id: str, epoch: int, *, done: bool) -> bool:
+        res = self._retry(lambda: self._release(
+            keys=[_k(run_id, "meta"), _k(run_id, "lease"), LEASES],
+            args=[run_id, epoch, "1" if done else "0"]))
+        return bool(res)
+
+    def lease_owner(self, run_id: str) -> str | None:
+        v = self._retry(lambda: self.r.get(_k(run_id, "lease")))
+        return None if v is None else _s(v)
+
+    def expired_leases(self, now_ms: int | None = None, count: int = 1000) -> list[tuple[str, int]]:
+        """Runs whose lease expired by ``now_ms``: (run id, expiry ms)."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        rows = self._retry(lambda: self.r.zrangebyscore(LEASES, 0, now, start=0, num=count,
+                                                        withscores=True))
+        return [(_s(m), int(sc)) for m, sc in rows]
+
+    def leases(self) -> dict[str, int]:
+        rows = self._retry(lambda: self.r.zrange(LEASES, 0, -1, withscores=True))
+        return {_s(m): int(sc) for m, sc in rows}
+
+    def forget_lease(self, run_id: str) -> None:
+        self._retry(lambda: self.r.zrem(LEASES, run_id))
 
     # -- the tool ledger (counts real executions; not part of a checkpoint) ---
 

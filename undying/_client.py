@@ -127,14 +127,16 @@ class Undying:
     # -- Ray ----------------------------------------------------------------------
 
     def _find_actor(self, run_id: str) -> Any:
+        """The actor of the run's current epoch, if one is registered."""
         import ray
 
         from undying.actors.ray_actor import actor_name
 
         if not ray.is_initialized():
             return None
+        epoch = self.store.info(run_id).epoch
         try:
-            return ray.get_actor(actor_name(run_id), namespace=self.settings.namespace)
+            return ray.get_actor(actor_name(run_id, epoch), namespace=self.settings.namespace)
         except ValueError:
             return None
 
@@ -150,11 +152,12 @@ class Undying:
                 ray.get(existing.info.remote(), timeout=5)
                 return  # a live incarnation is already running the run
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.kill(existing, no_restart=True)
-                _wait_name_free(run_id, self.settings.namespace)
+                pass  # dead or hung: a new epoch fences it
+        epoch = self.store.claim_epoch(run_id)
         actor = RunActor.options(  # type: ignore[attr-defined]
-            name=actor_name(run_id), namespace=self.settings.namespace, lifetime="detached",
-        ).remote(run_id, self.redis_url, self.actor_options)
+            name=actor_name(run_id, epoch), namespace=self.settings.namespace,
+            lifetime="detached",
+        ).remote(run_id, self.redis_url, epoch, self.actor_options)
         started = ray.get(actor.start.remote())
         if started.get("status") in ("crashed", "fenced"):
             raise UndyingError(f"run {run_id!r} could not be activated: {started.get('error')}")
@@ -175,21 +178,6 @@ class Undying:
         close = getattr(self.store, "close", None)
         if close:
             close()
-
-
-def _wait_name_free(run_id: str, namespace: str, timeout: float = 10.0) -> None:
-    import ray
-
-    from undying.actors.ray_actor import actor_name
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(actor_name(run_id), namespace=namespace)
-        except ValueError:
-            return
-        time.sleep(0.05)
-    raise UndyingError(f"run {run_id!r}: the old actor did not release its name in {timeout}s")
 
 
 class RunHandle:

@@ -107,7 +107,7 @@ def mark_in_doubt(state: RunState, call_id: str) -> RunState:
     journal = {**state.journal, call_id: entry.model_copy(update={"status": "in_doubt"})}
     pending = {k: v for k, v in state.pending.items() if k != call_id}
     return state.model_copy(update={
-        "journal": journal, "pending": pending, "status": "waiting",
+        "step": state.step + 1, "journal": journal, "pending": pending, "status": "waiting",
         "error": f"tool call {call_id} ({entry.tool}, key {entry.key}) is in doubt: it may "
                  "or may not have run; reconcile it before the run goes on",
     })
@@ -204,7 +204,8 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
         return _advance(state, status="failed", pending={},
                         error=f"model made {model_errors} malformed turns", **update), []
     if effects:
-        return _advance(state, status="running", pending=pending, **update), effects
+        new = _advance(state, status="running", pending=pending, **update)
+        return new, ([] if new.status in TERMINAL else effects)
     # only builtins or errors: their results are already in the conversation
     return _call_model(state, pending=pending, **update)
 

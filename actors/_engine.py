@@ -30,6 +30,7 @@ from undying.persistence import (
     diff_states,
     encode,
     pack,
+    plain,
     unpack,
     validate,
 )
@@ -40,6 +41,7 @@ from ._models import Model, ModelRequest, build_model
 from ._state import (
     CallModel,
     CallTool,
+    ChatMessage,
     Effect,
     Envelope,
     MarkInDoubt,
@@ -102,6 +104,40 @@ def load_state(store: CheckpointStore, run_id: str) -> tuple[RunState, Any]:
         store.quarantine(run_id, exc.reason)
         raise
     return state, loaded
+
+
+def end_run(store: CheckpointStore, run_id: str, status: str, reason: str) -> RunState:
+    """End a run from outside its actor (the supervisor's crash-loop guard, an operator).
+
+    It takes a new epoch first, so any incarnation still alive is fenced and
+    cannot write after this; then it commits the terminal state like any step.
+    """
+    epoch = store.claim_epoch(run_id)
+    state, loaded = load_state(store, run_id)
+    if state.status in TERMINAL:
+        return state
+    new = state.model_copy(update={"step": state.step + 1, "status": status, "error": reason,
+                                   "pending": {}})
+    ops = diff_states(state, new)
+    delta = pack("delta", {"step": new.step, "ops": ops}, run_id=run_id)
+    event = StepEvent(step=new.step, kind=status, status=new.status, epoch=epoch,
+                      at_ms=int(time.time() * 1000), delta_bytes=len(delta),
+                      summary=f"{status}: {reason}"[:300])
+    outbox = []
+    if new.parent_id:
+        from ._state import ChildResult
+
+        msg = ChildResult(id=f"result:{run_id}", child_id=run_id, status=new.status,  # type: ignore[arg-type]
+                          error=reason)
+        outbox.append((f"{run_id}>{new.parent_id}:{msg.id}", pack("outbox", {
+            "to": new.parent_id, "m": Envelope(message=msg).model_dump(mode="json")}, run_id=run_id)))
+    store.commit(run_id, Commit(epoch=epoch, step=new.step, status=new.status, delta=delta,
+                                events=(encode("event", event, run_id=run_id),),
+                                outbox=tuple(outbox)))
+    release = getattr(store, "release_lease", None)
+    if release is not None:
+        release(run_id, epoch, done=True)
+    return new
 
 
 class RunEngine:
@@ -285,8 +321,14 @@ class RunEngine:
                 self._perform(e)
 
     def _relay(self, message_id: str, envelope: bytes) -> None:
-        data = unpack("outbox", envelope, run_id=self.run_id)
-        msg = validate("message", Envelope, data["m"], run_id=self.run_id)
+        try:
+            data = unpack("outbox", envelope, run_id=self.run_id)
+            if not isinstance(data, dict) or not isinstance(data.get("to"), str) or "m" not in data:
+                raise CorruptCheckpoint(self.run_id, f"outbox entry {message_id} has no recipient")
+            msg = validate("message", Envelope, data["m"], run_id=self.run_id)
+        except CorruptCheckpoint as exc:
+            self.store.quarantine(self.run_id, f"outbox entry {message_id}: {exc.reason}")
+            raise
         try:
             self.store.send(data["to"], encode("message", msg, run_id=self.run_id))
         except UndyingError:
@@ -325,7 +367,9 @@ class RunEngine:
             msg: Message
             try:
                 resp = await self.model.complete(req)
-                msg = ModelReply(id=f"reply:{eid}", effect_id=eid, message=resp.message,
+                # whatever a provider sent must be storable, or the step would redo forever
+                reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
+                msg = ModelReply(id=f"reply:{eid}", effect_id=eid, message=reply,
                                  tokens_in=resp.tokens_in, tokens_out=resp.tokens_out)
             except Exception as exc:  # a provider fault is data for the loop, not a crash
                 msg = ModelFailed(id=f"failed:{eid}", effect_id=eid,
@@ -349,7 +393,7 @@ class RunEngine:
                     tool.validate(entry.arguments)
                     self.ledger.ledger_record(self.run_id, entry.tool, entry.key)
                     out = await tool.invoke(entry.arguments, ctx)
-                    msg = ToolResult(id=f"tool:{eid}", effect_id=eid, output=out)
+                    msg = ToolResult(id=f"tool:{eid}", effect_id=eid, output=plain(out))
                 except ToolArgumentsError as exc:
                     msg = ToolResult(id=f"tool:{eid}", effect_id=eid, error=str(exc))
                 except Exception as exc:

@@ -1,6 +1,6 @@
 """Persistence: codec, checkpoint store on Redis, run index, event log, embedded Redis."""
 
-from ._codec import MAX_RECORD_BYTES, SCHEMA_VERSION, decode, encode, pack, unpack, validate
+from ._codec import MAX_RECORD_BYTES, SCHEMA_VERSION, decode, encode, pack, plain, unpack, validate
 from ._delta import apply as apply_delta
 from ._delta import diff as diff_states
 from ._errors import (
@@ -8,6 +8,7 @@ from ._errors import (
     Fenced,
     Quarantined,
     RecordTooLarge,
+    RecordUnencodable,
     RunExists,
     RunNotFound,
     StepConflict,
@@ -45,6 +46,7 @@ __all__ = [
     "MemoryStore",
     "Quarantined",
     "RecordTooLarge",
+    "RecordUnencodable",
     "RedisServer",
     "RedisStore",
     "RunExists",
@@ -61,6 +63,7 @@ __all__ = [
     "find_redis_server",
     "free_port",
     "pack",
+    "plain",
     "unpack",
     "validate",
 ]

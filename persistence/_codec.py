@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import BaseModel, ValidationError
 
-from ._errors import CorruptCheckpoint, RecordTooLarge
+from ._errors import CorruptCheckpoint, RecordTooLarge, RecordUnencodable
 
 SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 32 << 20
@@ -29,7 +29,10 @@ MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = 
 
 def pack(kind: str, data: Any, *, run_id: str = "?", limit: int = MAX_RECORD_BYTES) -> bytes:
     """Encode plain data (already JSON-shaped) as a versioned record."""
-    out: bytes = msgpack.packb({"v": SCHEMA_VERSION, "k": kind, "d": data}, use_bin_type=True)
+    try:
+        out: bytes = msgpack.packb({"v": SCHEMA_VERSION, "k": kind, "d": data}, use_bin_type=True)
+    except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise RecordUnencodable(run_id, kind, str(exc)) from None
     if len(out) > limit:
         raise RecordTooLarge(run_id, len(out), limit)
     return out
@@ -37,6 +40,30 @@ def pack(kind: str, data: Any, *, run_id: str = "?", limit: int = MAX_RECORD_BYT
 
 def encode(kind: str, record: BaseModel, *, run_id: str = "?", limit: int = MAX_RECORD_BYTES) -> bytes:
     return pack(kind, record.model_dump(mode="json"), run_id=run_id, limit=limit)
+
+
+def plain(value: Any) -> Any:
+    """Make JSON-shaped data from outside (a model, a tool) storable as msgpack.
+
+    Integers beyond 64 bits become strings and unpaired surrogates are
+    replaced, so one odd value from a provider cannot make a step
+    unstorable (which would redo that step forever).
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, dict):
+        return {plain(k) if isinstance(k, str) else str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value)
 
 
 def unpack(kind: str, raw: bytes, *, run_id: str, limit: int = MAX_RECORD_BYTES) -> Any:
@@ -68,7 +95,10 @@ def unpack(kind: str, raw: bytes, *, run_id: str, limit: int = MAX_RECORD_BYTES)
         migrate = MIGRATIONS.get((kind, version))
         if migrate is None:
             raise CorruptCheckpoint(run_id, f"no migration for {kind} v{version}")
-        data = migrate(data)
+        try:
+            data = migrate(data)
+        except Exception as exc:
+            raise CorruptCheckpoint(run_id, f"migration of {kind} v{version} failed: {exc}") from None
         version += 1
     return data
 

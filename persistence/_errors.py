@@ -74,6 +74,14 @@ class RecordTooLarge(UndyingError):
         self.limit = limit
 
 
+class RecordUnencodable(UndyingError):
+    def __init__(self, run_id: str, kind: str, reason: str) -> None:
+        super().__init__(f"run {run_id!r}: a {kind} record cannot be encoded ({reason})")
+        self.run_id = run_id
+        self.kind = kind
+        self.reason = reason
+
+
 class Quarantined(UndyingError):
     def __init__(self, run_id: str, reason: str) -> None:
         super().__init__(f"run {run_id!r} is quarantined: {reason}")

@@ -44,6 +44,7 @@ class MemoryStore:
         self._cond = threading.Condition(self._lock)
         self.counters_: dict[str, int] = {}
         self._leases: dict[str, tuple[str, int]] = {}  # run id -> (owner, expiry ms)
+        self._restarts: dict[str, list[float]] = {}
 
     def _new_id(self) -> str:
         return f"{int(time.time() * 1000)}-{next(self._ids)}"
@@ -154,7 +155,8 @@ class MemoryStore:
 
     def read_inbox(self, run_id: str, after: str, count: int = 100) -> list[InboxEntry]:
         with self._lock:
-            rows = _after(self._get(run_id).inbox, after)[:count]
+            run = self._runs.get(run_id)
+            rows = _after(run.inbox, after)[:count] if run else []
         return [InboxEntry(eid, data) for eid, data in rows]
 
     def mark_relayed(self, run_id: str, message_id: str) -> None:
@@ -164,10 +166,13 @@ class MemoryStore:
     def read_events(self, run_id: str, after: str = "0-0", count: int = 1000,
                     block_ms: int | None = None) -> list[EventEntry]:
         with self._cond:
-            rows = _after(self._get(run_id).events, after)[:count]
+            run = self._runs.get(run_id)
+            if run is None:
+                return []
+            rows = _after(run.events, after)[:count]
             if not rows and block_ms:
                 self._cond.wait(block_ms / 1000)
-                rows = _after(self._get(run_id).events, after)[:count]
+                rows = _after(run.events, after)[:count]
         return [EventEntry(eid, data) for eid, data in rows]
 
     def renew_lease(self, run_id: str, epoch: int, owner: str, ttl_ms: int) -> None:
@@ -205,6 +210,17 @@ class MemoryStore:
     def forget_lease(self, run_id: str) -> None:
         with self._lock:
             self._leases.pop(run_id, None)
+
+    def record_restart(self, run_id: str, at: float, event: bytes = b"") -> None:
+        with self._lock:
+            run = self._get(run_id)
+            self._restarts.setdefault(run_id, []).append(at)
+            if event:
+                run.events.append((self._new_id(), event))
+
+    def restarts(self, run_id: str) -> list[float]:
+        with self._lock:
+            return list(self._restarts.get(run_id, []))
 
     def ledger_record(self, run_id: str, tool: str, key: str) -> int:
         with self._lock:

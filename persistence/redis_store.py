@@ -20,6 +20,7 @@ they would need to move out of the commit (see docs/DESIGN-NOTES.md).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,7 +61,7 @@ def _state_key(status: str) -> str:
 
 
 # KEYS: meta snap journal events outbox seen index counters
-# ARGV: epoch step status now run_id delta snapshot n_events n_outbox n_seen
+# ARGV: epoch step status now run_id delta snapshot n_events n_outbox n_seen nonce
 #       events... (outbox id, envelope)... seen...
 _COMMIT = """
 local meta = KEYS[1]
@@ -71,7 +72,7 @@ local reason = redis.call('HGET', meta, 'reason')
 if reason and reason ~= '' then return {'QUARANTINED', reason} end
 local stored = tonumber(redis.call('HGET', meta, 'step') or '0')
 local step = tonumber(ARGV[2])
-if step ~= stored + 1 then return {'STEP', stored} end
+if step ~= stored + 1 then return {'STEP', stored, redis.call('HGET', meta, 'nonce') or ''} end
 local delta, snapshot = ARGV[6], ARGV[7]
 local nbytes = 0
 if snapshot ~= '' then
@@ -89,14 +90,14 @@ elseif delta ~= '' then
 end
 local old = redis.call('HGET', meta, 'status')
 local status = ARGV[3]
-redis.call('HSET', meta, 'step', step, 'status', status, 'updated', ARGV[4])
+redis.call('HSET', meta, 'step', step, 'status', status, 'updated', ARGV[4], 'nonce', ARGV[11])
 if old ~= status then
   redis.call('SREM', 'ud:state:' .. old, ARGV[5])
   redis.call('SADD', 'ud:state:' .. status, ARGV[5])
   redis.call('HSET', KEYS[7], ARGV[5], status)
 end
 local ne, no, ns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local i = 11
+local i = 12
 for _ = 1, ne do
   redis.call('XADD', KEYS[4], '*', 'e', ARGV[i]); i = i + 1
 end
@@ -177,7 +178,8 @@ return 1
 
 LEASES = "ud:leases"
 
-_RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger", "lease")
+_RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger", "lease",
+              "restarts")
 
 
 def _s(v: Any) -> str:
@@ -297,8 +299,10 @@ class RedisStore:
     def commit(self, run_id: str, c: Commit) -> CommitResult:
         if c.status not in STATUSES:
             raise ValueError(f"run {run_id!r}: unknown status {c.status!r}")
+        nonce = uuid.uuid4().hex
         args: list[Any] = [c.epoch, c.step, c.status, str(int(time.time() * 1000)), run_id,
-                           c.delta, c.snapshot, len(c.events), len(c.outbox), len(c.seen)]
+                           c.delta, c.snapshot, len(c.events), len(c.outbox), len(c.seen),
+                           nonce]
         args.extend(c.events)
         for mid, env in c.outbox:
             args.extend((mid, env))
@@ -313,8 +317,8 @@ class RedisStore:
         if tag == "FENCED":
             raise Fenced(run_id, c.epoch, int(res[1]))
         if tag == "STEP":
-            if int(res[1]) == c.step:
-                # our own commit, applied before its reply was lost: same epoch, same step
+            if int(res[1]) == c.step and _s(res[2]) == nonce:
+                # this very commit, applied before its reply was lost and then retried
                 meta = self._retry(lambda: self.r.hmget(
                     _k(run_id, "meta"), "journal_bytes", "snap_bytes", "journal_len"))
                 self._wrote("commit")
@@ -449,6 +453,24 @@ class RedisStore:
 
     def forget_lease(self, run_id: str) -> None:
         self._retry(lambda: self.r.zrem(LEASES, run_id))
+
+    # -- supervision records (restart times survive the supervisor) -------------
+
+    def record_restart(self, run_id: str, at: float, event: bytes = b"") -> None:
+        """Remember a restart (for the crash-loop window) and put it in the run's history."""
+        def do() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.rpush(_k(run_id, "restarts"), repr(at))
+            p.ltrim(_k(run_id, "restarts"), -100, -1)
+            if event:
+                p.xadd(_k(run_id, "events"), {"e": event})
+            p.hincrby(COUNTERS, "restarts_total", 1)
+            p.execute()
+
+        self._retry(do)
+
+    def restarts(self, run_id: str) -> list[float]:
+        return [float(_s(x)) for x in self._retry(lambda: self.r.lrange(_k(run_id, "restarts"), 0, -1))]
 
     # -- the tool ledger (counts real executions; not part of a checkpoint) ---
 

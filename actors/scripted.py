@@ -99,7 +99,9 @@ def research(messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]]) -> 
                            tool_calls=tuple(calls))
     last = turns[-1]
     last_names = {c.name for c in last.tool_calls}
-    results = [m for m in messages if m.role == "tool"]
+    # tool results arrive in completion order; read them in call order so the
+    # reply does not depend on which concurrent call finished first
+    results = sorted((m for m in messages if m.role == "tool"), key=lambda m: m.tool_call_id or "")
     if "search" in last_names:
         docs: list[str] = []
         for m in results:

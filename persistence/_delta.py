@@ -50,7 +50,8 @@ def diff(old: BaseModel, new: BaseModel) -> list[Op]:
         if a is b:
             continue
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(b) >= len(a):
-            if all(x is y for x, y in zip(a, b, strict=False)):
+            # a C-level prefix compare: identity short-circuits each element
+            if b[: len(a)] == a:
                 if len(b) > len(a):
                     ops.append(["a", name, [_dump(v) for v in b[len(a):]]])
                 continue

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ._errors import UndyingError
 
@@ -109,7 +111,9 @@ class RedisServer:
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
-            c = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+            # no client retries: the server closing the connection is the success
+            c = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
+                            retry=Retry(NoBackoff(), 0))
             c.shutdown(nosave=True)
         except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
             pass

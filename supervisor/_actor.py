@@ -17,6 +17,8 @@ crash-looping run as ``failed``; arm timers for back-off.
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
 import random
 import time
 from typing import Any
@@ -71,42 +73,57 @@ class SupervisorActor:
         self.stats: dict[str, Any] = {"restarts": 0, "failed": 0, "adopted": 0,
                                       "lease_expiries": 0, "nodes_lost": 0, "boots": 1}
         self.booted = False
+        self._boot: asyncio.Task[None] | None = None
+        self.log: collections.deque[str] = collections.deque(maxlen=200)  # recent events, for `info`
         # Ray restarts this actor with no caller; it boots itself.
         ray.get_runtime_context().current_actor.boot.remote()
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def boot(self) -> dict[str, Any]:
-        if self.booted:
-            return self.summary()
-        self.booted = True
-        self.events = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self.alive_nodes = await asyncio.to_thread(_alive_nodes)
-        await asyncio.to_thread(self._rebuild)
-        self._bg = [loop.create_task(self._event_loop()), loop.create_task(self._scan_loop())]
+        """Rebuild the view and start supervising; every caller waits for the same boot."""
+        if self._boot is None:
+            self._boot = asyncio.get_running_loop().create_task(self._do_boot())
+        try:
+            await asyncio.shield(self._boot)
+        except Exception:
+            self._boot = None  # let the next call try again (Redis may be back)
+            self.booted = False
+            raise
         return self.summary()
 
-    def _rebuild(self) -> None:
+    async def _do_boot(self) -> None:
+        self.booted = True
+        self.events = asyncio.Queue()
+        loop = self.loop = asyncio.get_running_loop()
+        self.alive_nodes = await asyncio.to_thread(_alive_nodes)
+        for adopt in await asyncio.to_thread(self._read_active_runs):
+            self._emit(adopt)
+            self.stats["adopted"] += 1
+            await asyncio.to_thread(self._attach, adopt.run_id, adopt.epoch or 0)
+        self._bg = [loop.create_task(self._event_loop()), loop.create_task(self._scan_loop())]
+
+    def _read_active_runs(self) -> list[Adopt]:
         """The whole view, from Redis: nothing is lost when the supervisor dies."""
         leases = self.store.leases()
+        out = []
         for status in ACTIVE:
             for info in self.store.list_runs(status):
                 owner = self.store.lease_owner(info.run_id) or ""
                 node = owner.split("|")[1] if owner.count("|") >= 2 else ""
                 self.node_of[info.run_id] = node
                 expires = leases.get(info.run_id, 0) / 1000
-                self._emit(Adopt(info.run_id, node, expires, info.epoch,
+                out.append(Adopt(info.run_id, node, expires, info.epoch,
                                  tuple(self.store.restarts(info.run_id))))
-                self.stats["adopted"] += 1
-                self._attach(info.run_id, info.epoch)
+        return out
 
     def _attach(self, run_id: str, epoch: int) -> None:
+        """(In a thread.) Watch the live actor of the run's current epoch, if any."""
         try:
             actor = ray.get_actor(actor_name(run_id, epoch), namespace=self.namespace)
         except ValueError:
             return  # no live actor: its lease will expire (or has) and the policy restarts it
-        self._watch(run_id, epoch, actor)
+        self.loop.call_soon_threadsafe(self._watch, run_id, epoch, actor)
 
     async def ping(self) -> bool:
         return True
@@ -116,17 +133,19 @@ class SupervisorActor:
         for r in self.view.runs.values():
             states[r.state] = states.get(r.state, 0) + 1
         return {**self.stats, "runs": len(self.view.runs), "states": states,
-                "nodes": sorted(self.alive_nodes)}
+                "nodes": sorted(self.alive_nodes), "pid": os.getpid()}
 
-    async def info(self) -> dict[str, Any]:
-        return self.summary()
+    async def info(self, log: bool = False) -> dict[str, Any]:
+        out = self.summary()
+        if log:
+            out["log"] = list(self.log)
+        return out
 
     # -- launching ------------------------------------------------------------------
 
     async def launch(self, run_id: str) -> dict[str, Any]:
         """Start a run's first incarnation (or resume one that has no live actor)."""
-        if not self.booted:
-            await self.boot()
+        await self.boot()
         known = self.view.runs.get(run_id)
         if known is not None and known.state != "running":
             return {"run_id": run_id, "status": known.state}
@@ -208,8 +227,11 @@ class SupervisorActor:
             event = await self.events.get()
             try:
                 self.view, commands = handle(self.view, event, time.time())
-            except Exception:  # a bad event must not stop supervision
+            except Exception as exc:  # a bad event must not stop supervision
+                self.log.append(f"{time.time():.3f} {event!r} -> error {exc!r}")
                 continue
+            if not isinstance(event, Tick) or commands:
+                self.log.append(f"{time.time():.3f} {event!r} -> {commands!r}")
             for cmd in commands:
                 self._carry_out(cmd)
 
@@ -255,8 +277,8 @@ class SupervisorActor:
         try:
             await asyncio.to_thread(end_run, self.store, cmd.run_id, "failed", cmd.reason)
             self.stats["failed"] += 1
-        except Exception:
-            pass
+        except Exception as exc:
+            self.log.append(f"{time.time():.3f} failing {cmd.run_id} -> error {exc!r}")
         self._emit(RunFinished(cmd.run_id, "failed"))
 
     async def _scan_loop(self) -> None:

@@ -39,25 +39,31 @@ class RunResult:
 
 class Undying:
     def __init__(self, settings: Settings | None = None, *, store: CheckpointStore | None = None,
-                 actor_options: dict[str, Any] | None = None) -> None:
+                 actor_options: dict[str, Any] | None = None, supervise: bool = True,
+                 policy: dict[str, Any] | None = None) -> None:
+        """``supervise``: runs are started by the cluster's supervisor, which restarts them
+        when they die. Without it a dead run waits for `resume`."""
         self.settings = settings or Settings.from_env()
         self.store = store if store is not None else connect_store(self.settings)
         self.redis_url: str = getattr(self.store, "url", "")
         self.actor_options = dict(actor_options or {})
+        self.supervise = supervise
+        self.policy = policy
         self._refs: dict[str, Any] = {}
+        self._supervisor: Any = None
 
     # -- runs -----------------------------------------------------------------
 
     def start(self, agent: Agent, task: str, *, run_id: str | None = None) -> RunHandle:
         rid = create_run(self.store, agent, task, run_id=run_id)
-        self._launch(rid)
+        self._start(rid)
         return RunHandle(self, rid)
 
     def resume(self, run_id: str) -> RunHandle:
         """Start a new incarnation from the latest checkpoint, unless one is alive."""
         info = self.store.info(run_id)
         if info.status not in TERMINAL:
-            self._launch(run_id)
+            self._start(run_id)
         return RunHandle(self, run_id)
 
     def handle(self, run_id: str) -> RunHandle:
@@ -125,6 +131,30 @@ class Undying:
         return self.store.ledger(run_id)  # type: ignore[attr-defined, no-any-return]
 
     # -- Ray ----------------------------------------------------------------------
+
+    def supervisor(self) -> Any:
+        """The cluster's supervisor actor (created on first use, then found by name)."""
+        import ray
+
+        from undying.supervisor import get_supervisor
+
+        if self._supervisor is None:
+            init_ray(self.settings)
+            opts = {k: v for k, v in self.actor_options.items()}
+            self._supervisor = get_supervisor(self.redis_url, self.settings.namespace,
+                                              self.policy, opts)
+            ray.get(self._supervisor.boot.remote())
+        return self._supervisor
+
+    def _start(self, run_id: str) -> None:
+        if not self.supervise:
+            self._launch(run_id)
+            return
+        import ray
+
+        out = ray.get(self.supervisor().launch.remote(run_id))
+        if out.get("status") in ("crashed", "fenced"):
+            raise UndyingError(f"run {run_id!r} could not be activated: {out.get('error')}")
 
     def _find_actor(self, run_id: str) -> Any:
         """The actor of the run's current epoch, if one is registered."""

@@ -96,3 +96,35 @@ def run_inline(store: CheckpointStore, agent: Agent, task: str, *, run_id: str |
 
 def resume_inline(store: CheckpointStore, run_id: str, **engine_options: Any) -> RunState:
     return asyncio.run(RunEngine(run_id, store, **engine_options).run())
+
+
+# -- agents for fault tests (importable by every worker: they live in the package) --------
+
+
+def _crash_process() -> str:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "unreachable"
+
+
+def _make_poison_agent() -> Agent:
+    from undying.actors import Agent as _Agent
+    from undying.actors import Budgets, ModelSpec, tool
+
+    crash = tool(_crash_process, name="crash_process", side_effect="idempotent",
+                 description="Kills the process that runs it (a poison pill for crash-loop tests).")
+    return _Agent("poison", version="1", model=ModelSpec(provider="scripted", name="poison"),
+                  tools=[crash], budgets=Budgets(max_steps=50), ref="undying.testing:poison_agent")
+
+
+@policy("poison")
+def _poison_policy(messages: Any, tools: Any) -> Any:
+    from undying.actors import ChatMessage, ToolCallRequest
+
+    return ChatMessage(role="assistant", tool_calls=(
+        ToolCallRequest(id="p", name="crash_process", arguments={}),))
+
+
+poison_agent = _make_poison_agent()

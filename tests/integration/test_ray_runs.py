@@ -31,7 +31,8 @@ def reference() -> tuple[str, dict[str, int]]:
 
 
 def _client(url: str) -> Undying:
-    return Undying(Settings(redis_url=url, namespace="undying-tests"))
+    # no supervisor here: these tests resume by hand, as `undying resume` does
+    return Undying(Settings(redis_url=url, namespace="undying-tests"), supervise=False)
 
 
 def _ledger(ud: Undying, run_id: str) -> dict[str, int]:

@@ -1,0 +1,1 @@
+"""Benchmarks for undying. Run ``python -m bench.checkpoint``; see bench/README.md."""

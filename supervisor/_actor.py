@@ -342,6 +342,10 @@ def get_supervisor(redis_url: str, namespace: str, policy: dict[str, Any] | None
         return ray.get_actor(SUPERVISOR_NAME, namespace=namespace)
     except ValueError:
         pass
+    # On the head node: losing a worker node must not take the supervisor with it
+    # (Ray would only restart it after its ~15 s node health check); the head's loss
+    # stops the cluster anyway unless GCS fault tolerance is on.
     return SupervisorActor.options(  # type: ignore[attr-defined]
         name=SUPERVISOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+        resources={"node:__internal_head__": 0.001},
     ).remote(redis_url, namespace, policy, options)

@@ -52,14 +52,62 @@ def private_redis(tmp_root: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
-@pytest.fixture(scope="session")
+class _RayState:
+    """Which Ray this test process is attached to: one local instance shared by the
+    session, or a module's multi-node `Cluster` (they cannot coexist in one driver)."""
+
+    mode: str | None = None
+    cluster: object | None = None
+
+
+_RAY = _RayState()
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _RAY.cluster is not None:
+        _RAY.cluster.shutdown()  # type: ignore[attr-defined]
+        _RAY.cluster = None
+    _RAY.mode = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_session() -> Iterator[None]:
+    yield
+    _shutdown_ray()
+
+
+@pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2,
-             object_store_memory=100 << 20, namespace="undying-tests")
+    if _RAY.mode != "local":
+        _shutdown_ray()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2,
+                 object_store_memory=100 << 20, namespace="undying-tests")
+        _RAY.mode = "local"
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[object]:
+    """Three Ray nodes on this machine (ray.cluster_utils.Cluster), default health checks."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    _shutdown_ray()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 << 20})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+    _RAY.cluster, _RAY.mode = cluster, "cluster"
+    ray.init(address=cluster.address, log_to_driver=False, namespace="undying-tests")
+    cluster.wait_for_nodes()
+    yield cluster
+    _shutdown_ray()
 
 
 def unique_id(prefix: str = "t") -> str:

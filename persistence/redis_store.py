@@ -200,7 +200,8 @@ class RedisStore:
         self.url = url
         self.unavailable_s = unavailable_s
         self.on_write = on_write
-        self.r = redis.Redis.from_url(
+        # Any: redis-py's overloads type every reply as bytes | str | Awaitable
+        self.r: Any = redis.Redis.from_url(
             url,
             socket_timeout=10,
             socket_connect_timeout=2,

@@ -162,7 +162,7 @@ class SupervisorActor:
         node = await asyncio.to_thread(self._pick_node, run_id, avoid)
         epoch = await asyncio.to_thread(self.store.claim_epoch, run_id)
         opts = {"lease_ttl_s": LEASE_TTL_S, **self.options}
-        actor = RunActor.options(  # type: ignore[attr-defined]
+        actor = RunActor.options(  # type: ignore[attr-defined, misc, operator]
             name=actor_name(run_id, epoch), namespace=self.namespace, lifetime="detached",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(run_id, self.redis_url, epoch, opts)
@@ -345,7 +345,7 @@ def get_supervisor(redis_url: str, namespace: str, policy: dict[str, Any] | None
     # On the head node: losing a worker node must not take the supervisor with it
     # (Ray would only restart it after its ~15 s node health check); the head's loss
     # stops the cluster anyway unless GCS fault tolerance is on.
-    return SupervisorActor.options(  # type: ignore[attr-defined]
+    return SupervisorActor.options(  # type: ignore[attr-defined, misc, operator]
         name=SUPERVISOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
         resources={"node:__internal_head__": 0.001},
     ).remote(redis_url, namespace, policy, options)

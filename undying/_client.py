@@ -184,7 +184,7 @@ class Undying:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass  # dead or hung: a new epoch fences it
         epoch = self.store.claim_epoch(run_id)
-        actor = RunActor.options(  # type: ignore[attr-defined]
+        actor = RunActor.options(  # type: ignore[attr-defined, misc, operator]
             name=actor_name(run_id, epoch), namespace=self.settings.namespace,
             lifetime="detached",
         ).remote(run_id, self.redis_url, epoch, self.actor_options)

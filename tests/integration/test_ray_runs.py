@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.integration._faults import TASK, in_model_call, ledger_of
 from undying import Settings, Undying
 from undying.actors.research import agent, slow_agent
 from undying.persistence import RedisServer, RedisStore
@@ -18,7 +19,6 @@ from undying.testing import MemoryStore, run_inline
 
 pytestmark = pytest.mark.ray
 
-TASK = "How do fencing tokens stop zombie writers, and what does appendfsync always guarantee?"
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +33,6 @@ def reference() -> tuple[str, dict[str, int]]:
 def _client(url: str) -> Undying:
     # no supervisor here: these tests resume by hand, as `undying resume` does
     return Undying(Settings(redis_url=url, namespace="undying-tests"), supervise=False)
-
-
-def _ledger(ud: Undying, run_id: str) -> dict[str, int]:
-    return {k.replace(f"{run_id}:", ""): v for k, v in ud.ledger(run_id).items()}
-
-
-def _wait_for_model_call(ud: Undying, run_id: str, min_step: int, timeout: float = 30) -> int:
-    """Wait until the run has committed at least ``min_step`` and is inside a model call.
-
-    Killing then lands in the (slow, scripted) model call, never inside a tool:
-    a tool that completed but whose result was not yet committed would, being
-    idempotent, rightly run again, and this test requires every tool exactly once.
-    """
-    deadline = time.monotonic() + timeout
-    after = "0-0"
-    while time.monotonic() < deadline:
-        for entry in ud.store.read_events(run_id, after, 100, block_ms=200):
-            after = entry.entry_id
-            state = ud.state(run_id)
-            if state.step >= min_step and any(p.kind == "model" for p in state.pending.values()):
-                return state.step
-    raise AssertionError(f"run {run_id} never reached step {min_step} in a model call")
 
 
 def _kill_actor(ud: Undying, run_id: str) -> None:
@@ -74,14 +52,14 @@ def test_sigkill_twice_then_resume(ray_local: None, redis_server: RedisServer,
     h = ud.start(slow_agent(0.4), TASK)
     kill_steps = []
     for min_step in (2, 6):
-        kill_steps.append(_wait_for_model_call(ud, h.run_id, min_step))
+        kill_steps.append(in_model_call(ud, h.run_id, min_step))
         _kill_actor(ud, h.run_id)
         ud.resume(h.run_id)
     res = h.result(timeout=60)
     answer, ledger = reference
     assert res.status == "finished", res.error
     assert res.answer == answer
-    assert _ledger(ud, h.run_id) == ledger, "every tool executed exactly once"
+    assert ledger_of(ud, h.run_id) == ledger, "every tool executed exactly once"
     events = h.history()
     assert [e.step for e in events] == list(range(1, res.steps + 1)), "no step lost or repeated"
     assert len({e.epoch for e in events}) == 3, f"three incarnations (killed at {kill_steps})"
@@ -94,7 +72,7 @@ def test_resume_from_cli(ray_local: None, redis_server: RedisServer,
 
     ud = _client(redis_server.url)
     h = ud.start(slow_agent(0.4), TASK)
-    _wait_for_model_call(ud, h.run_id, 3)
+    in_model_call(ud, h.run_id, 3)
     _kill_actor(ud, h.run_id)
     env = {**os.environ, "UNDYING_REDIS_URL": redis_server.url,
            "UNDYING_RAY_ADDRESS": ray.get_runtime_context().gcs_address,
@@ -105,7 +83,7 @@ def test_resume_from_cli(ray_local: None, redis_server: RedisServer,
     assert "resumed from step" in out.stdout
     res = h.result(timeout=60)
     assert res.status == "finished" and res.answer == reference[0]
-    assert _ledger(ud, h.run_id) == reference[1]
+    assert ledger_of(ud, h.run_id) == reference[1]
 
     status = subprocess.run([sys.executable, "-m", "undying.cli", "status", h.run_id, "--json"],
                             env=env, capture_output=True, text=True, timeout=60)
@@ -123,7 +101,7 @@ def test_redis_killed_and_restarted_between_steps(ray_local: None, private_redis
                                                   reference: tuple[str, dict[str, int]]) -> None:
     ud = _client(private_redis.url)
     h = ud.start(slow_agent(0.5), TASK)
-    _wait_for_model_call(ud, h.run_id, 3)
+    in_model_call(ud, h.run_id, 3)
     acknowledged = ud.store.info(h.run_id).step
     acked_events = [e.step for e in ud.history(h.run_id)]
     private_redis.kill()  # SIGKILL; AOF with appendfsync always
@@ -136,7 +114,7 @@ def test_redis_killed_and_restarted_between_steps(ray_local: None, private_redis
     assert events[: len(acked_events)] == acked_events, "nothing acknowledged was lost"
     assert events == list(range(1, res.steps + 1))
     assert acknowledged <= res.steps
-    assert _ledger(ud, h.run_id) == reference[1]
+    assert ledger_of(ud, h.run_id) == reference[1]
 
 
 def test_demo_agent_runs_on_ray(ray_local: None, redis_server: RedisServer,

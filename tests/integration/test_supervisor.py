@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration._faults import TASK, in_model_call, ledger_of
 from undying import Settings, Undying
 from undying.actors.research import agent, slow_agent
 from undying.persistence import RedisServer
@@ -18,7 +19,6 @@ from undying.testing import MemoryStore, poison_agent, run_inline
 
 pytestmark = pytest.mark.ray
 
-TASK = "How do fencing tokens stop zombie writers, and what does appendfsync always guarantee?"
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +45,6 @@ def reference() -> tuple[str, dict[str, int]]:
     store = MemoryStore()
     state = run_inline(store, agent, TASK, run_id="ref")
     return state.result or "", {k.replace("ref:", ""): v for k, v in store.ledger("ref").items()}
-
-
-def _ledger(ud: Undying, run_id: str) -> dict[str, int]:
-    return {k.replace(f"{run_id}:", ""): v for k, v in ud.ledger(run_id).items()}
-
-
-def _in_model_call(ud: Undying, run_id: str, min_step: int, timeout: float = 30) -> int:
-    """Wait for a committed step >= min_step with a model call pending (see test_ray_runs)."""
-    deadline = time.monotonic() + timeout
-    after = "0-0"
-    while time.monotonic() < deadline:
-        for entry in ud.store.read_events(run_id, after, 100, block_ms=200):
-            after = entry.entry_id
-            state = ud.state(run_id)
-            if state.step >= min_step and any(p.kind == "model" for p in state.pending.values()):
-                return state.step
-    raise AssertionError(f"run {run_id} never reached step {min_step} in a model call")
 
 
 def _pid(ud: Undying, run_id: str) -> int:
@@ -95,14 +78,14 @@ def _check(ud: Undying, run_id: str, reference: tuple[str, dict[str, int]]) -> N
         raise
     assert res.status == "finished", res.error
     assert res.answer == reference[0]
-    assert _ledger(ud, run_id) == reference[1], "every tool executed exactly once"
+    assert ledger_of(ud, run_id) == reference[1], "every tool executed exactly once"
     steps = [e.step for e in ud.history(run_id) if e.kind != "restart"]
     assert steps == list(range(1, res.steps + 1)), "one writer per step, no step lost"
 
 
 def test_sigkilled_run_resumes_by_itself(ud: Undying, reference: tuple[str, dict[str, int]]) -> None:
     h = ud.start(slow_agent(0.4), TASK)
-    step = _in_model_call(ud, h.run_id, 3)
+    step = in_model_call(ud, h.run_id, 3)
     t_kill = time.time()
     os.kill(_pid(ud, h.run_id), signal.SIGKILL)
     recovered = _next_commit_after(ud, h.run_id, step) - t_kill
@@ -116,7 +99,7 @@ def test_supervisor_killed_while_runs_in_flight(ud: Undying,
     import ray
 
     runs = [ud.start(slow_agent(0.3), TASK) for _ in range(3)]
-    _in_model_call(ud, runs[0].run_id, 2)
+    in_model_call(ud, runs[0].run_id, 2)
     pid = _supervisor_pid(ud)
     os.kill(pid, signal.SIGKILL)
     # kill one run too while the supervisor is down: the new supervisor must adopt and restart it
@@ -136,7 +119,7 @@ def _supervisor_pid(ud: Undying) -> int:
 
 def test_zombie_is_fenced(ud: Undying, reference: tuple[str, dict[str, int]]) -> None:
     h = ud.start(slow_agent(0.4), TASK)
-    _in_model_call(ud, h.run_id, 3)
+    in_model_call(ud, h.run_id, 3)
     old = ud.actor_info(h.run_id)
     assert old is not None
     os.kill(old["pid"], signal.SIGSTOP)
@@ -182,7 +165,7 @@ def test_crash_loop_ends_failed_and_spares_others(ud: Undying,
 
 def test_sigterm_drain_restarts_at_once(ud: Undying, reference: tuple[str, dict[str, int]]) -> None:
     h = ud.start(slow_agent(0.4), TASK)
-    step = _in_model_call(ud, h.run_id, 3)
+    step = in_model_call(ud, h.run_id, 3)
     t = time.time()
     os.kill(_pid(ud, h.run_id), signal.SIGTERM)
     recovered = _next_commit_after(ud, h.run_id, step) - t
@@ -194,7 +177,7 @@ def test_sigterm_drain_restarts_at_once(ud: Undying, reference: tuple[str, dict[
 def test_redis_restarted_while_runs_in_flight(ud: Undying, sup_redis: RedisServer,
                                               reference: tuple[str, dict[str, int]]) -> None:
     runs = [ud.start(slow_agent(0.4), TASK) for _ in range(2)]
-    _in_model_call(ud, runs[0].run_id, 2)
+    in_model_call(ud, runs[0].run_id, 2)
     acked = {h.run_id: [e.step for e in ud.history(h.run_id)] for h in runs}
     sup_redis.kill()
     time.sleep(0.5)

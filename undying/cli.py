@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+DEFAULT_AGENT = "undying.actors.research:agent"
+
 DEMO_QUESTIONS = [
     "How do fencing tokens stop zombie writers, and what is a lease?",
     "What does appendfsync always guarantee, and what can everysec lose?",
@@ -91,6 +93,31 @@ def _follow(ud: Any, run_id: str, timeout: float) -> int:
     return 0 if res.status == "finished" else 2
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from undying._batch import run_batch
+    from undying.actors import load_agent
+    from undying.actors.research import slow_agent
+
+    ud = _client()
+    agent = slow_agent(args.latency) if args.latency > 0 and args.agent == DEFAULT_AGENT \
+        else load_agent(args.agent)
+    questions, out = Path(args.questions), Path(args.out)
+    if not questions.exists():
+        print(f"undying: error: no file {questions}", file=sys.stderr)
+        return 1
+    try:
+        report = run_batch(ud, agent, questions, out, concurrency=args.concurrency)
+    except KeyboardInterrupt:
+        print("\nundying: batch stopped; runs in flight keep their checkpoints. Run the same "
+              "command again to continue.", file=sys.stderr)
+        return 130
+    print(f"{report.finished} finished, {report.failed} failed, {report.already_done} already "
+          f"done, {len(report.bad_lines)} bad lines skipped; results in {out}")
+    return 0 if report.failed == 0 else 2
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     ud = _client()
     if args.run:
@@ -158,12 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="start a run of an agent on a task")
     r.add_argument("task")
-    r.add_argument("--agent", default="undying.actors.research:agent",
+    r.add_argument("--agent", default=DEFAULT_AGENT,
                    help="importable agent, module:attribute")
     r.add_argument("--run-id")
     r.add_argument("--no-wait", action="store_true")
     r.add_argument("--timeout", type=float, default=600.0)
     r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("batch", help="one run per line of a JSONL file; resumable")
+    b.add_argument("questions", help='JSONL, one {"question": ..., "id": ...} per line')
+    b.add_argument("--out", required=True, help="results JSONL (appended as runs finish)")
+    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--agent", default=DEFAULT_AGENT)
+    b.add_argument("--latency", type=float, default=0.0, help="simulated model latency (demo agent)")
+    b.set_defaults(fn=cmd_batch)
 
     s = sub.add_parser("status", help="one run, or every run")
     s.add_argument("run", nargs="?")

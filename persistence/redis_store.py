@@ -178,8 +178,16 @@ return 1
 
 LEASES = "ud:leases"
 
-_RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger", "lease",
-              "restarts")
+# KEYS: ledger nonces  ARGV: field nonce
+_LEDGER = """
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
+  return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
+_RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger",
+              "ledger_nonces", "lease", "restarts")
 
 
 def _s(v: Any) -> str:
@@ -215,6 +223,7 @@ class RedisStore:
         self._send = self.r.register_script(_SEND)
         self._quarantine = self.r.register_script(_QUARANTINE)
         self._renew = self.r.register_script(_RENEW)
+        self._ledger = self.r.register_script(_LEDGER)
         self._release = self.r.register_script(_RELEASE)
 
     # -- plumbing ---------------------------------------------------------
@@ -476,7 +485,11 @@ class RedisStore:
     # -- the tool ledger (counts real executions; not part of a checkpoint) ---
 
     def ledger_record(self, run_id: str, tool: str, key: str) -> int:
-        return int(self._retry(lambda: self.r.hincrby(_k(run_id, "ledger"), f"{tool}|{key}", 1)))
+        # a nonce per execution: a retry after a lost reply does not count it twice
+        nonce = uuid.uuid4().hex
+        return int(self._retry(lambda: self._ledger(
+            keys=[_k(run_id, "ledger"), _k(run_id, "ledger_nonces")],
+            args=[f"{tool}|{key}", nonce])))
 
     def ledger(self, run_id: str) -> dict[str, int]:
         raw = self._retry(lambda: self.r.hgetall(_k(run_id, "ledger")))

@@ -70,6 +70,7 @@ class SupervisorActor:
         self.watchers: dict[str, asyncio.Task[None]] = {}
         self.events: asyncio.Queue[Event] | None = None
         self.alive_nodes: set[str] = set()
+        self.suspect: dict[str, float] = {}  # node -> until when it is avoided
         self.stats: dict[str, Any] = {"restarts": 0, "failed": 0, "adopted": 0,
                                       "lease_expiries": 0, "nodes_lost": 0, "boots": 1}
         self.booted = False
@@ -151,7 +152,13 @@ class SupervisorActor:
             return {"run_id": run_id, "status": known.state}
         if known is not None and run_id in self.watchers and not self.watchers[run_id].done():
             return {"run_id": run_id, "status": "running"}
-        info = await self._start_actor(run_id, frozenset())
+        try:
+            info = await self._start_actor(run_id, frozenset())
+        except Exception:
+            # hand the run to the restart path (back-off, crash-loop guard) instead of
+            # leaving it pending with no actor and no lease
+            self._emit(Adopt(run_id, "", 0.0, None, ()))
+            raise
         if info.get("status") in TERMINAL:
             self._emit(RunFinished(run_id, info["status"]))
         elif info.get("status") not in ("crashed", "fenced"):
@@ -181,9 +188,11 @@ class SupervisorActor:
 
     def _pick_node(self, run_id: str, avoid: frozenset[str]) -> str:
         alive = _alive_nodes()
-        self.alive_nodes = alive
-        # not the node that just failed, when there is another one
-        excluded = set(avoid) | {self.node_of.get(run_id, "")}
+        # not the node that just failed, nor one whose runs lost their leases lately (Ray
+        # lists a dead node as alive for ~15 s), when there is another one
+        now = time.time()
+        suspects = {n for n, until in self.suspect.items() if until > now}
+        excluded = set(avoid) | {self.node_of.get(run_id, "")} | suspects
         candidates = sorted(alive - excluded) or sorted(alive - set(avoid)) or sorted(alive)
         if not candidates:
             raise RuntimeError("no live Ray node to place the run on")
@@ -198,16 +207,22 @@ class SupervisorActor:
         old = self.watchers.get(run_id)
         if old is not None and not old.done():
             old.cancel()
-        ref = actor.wait.remote()
         self.watchers[run_id] = asyncio.get_running_loop().create_task(
-            self._watch_ref(run_id, epoch, ref))
+            self._watch_ref(run_id, epoch, actor))
 
-    async def _watch_ref(self, run_id: str, epoch: int, ref: Any) -> None:
-        try:
-            out = await ref
-        except ray.exceptions.RayActorError as exc:
-            self._emit(ActorDied(run_id, _short(exc), epoch))
-            return
+    async def _watch_ref(self, run_id: str, epoch: int, actor: Any) -> None:
+        while True:
+            try:
+                out = await actor.wait.remote()
+                break
+            except ray.exceptions.ActorUnavailableError:
+                # "maybe dead" (RAY-NOTES): the actor may come back and still be running
+                # its tools. Restarting now would run a second copy beside it; the lease
+                # decides instead, and this watch goes on.
+                await asyncio.sleep(0.5)
+            except ray.exceptions.RayActorError as exc:
+                self._emit(ActorDied(run_id, _short(exc), epoch))
+                return
         status = out.get("status")
         if status in TERMINAL:
             self._emit(RunFinished(run_id, status))
@@ -306,6 +321,8 @@ class SupervisorActor:
                 continue
             if run.state == "running":
                 self.stats["lease_expiries"] += 1
+                if run.node_id:
+                    self.suspect[run.node_id] = time.time() + 20.0
                 self._emit(LeaseExpired(run_id))
         if check_nodes:
             alive = await asyncio.to_thread(_alive_nodes)

@@ -9,7 +9,7 @@ from undying import Undying
 TASK = "How do fencing tokens stop zombie writers, and what does appendfsync always guarantee?"
 
 
-def in_model_call(ud: Undying, run_id: str, min_step: int, timeout: float = 30) -> int:
+def in_model_call(ud: Undying, run_id: str, min_step: int, timeout: float = 60) -> int:
     """Wait until the run has committed at least ``min_step`` and is inside a model call.
 
     Killing then lands in the (slow, scripted) model call, never inside a tool:

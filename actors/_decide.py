@@ -45,12 +45,17 @@ BUILTIN_TOOLS = frozenset({"remember", "set_plan"})
 
 def decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
     new, effects = _decide(state, msg)
-    if new.status in TERMINAL and state.status not in TERMINAL and new.parent_id:
-        # the result travels with the final checkpoint, in its outbox
-        effects = [*effects, SendMessage(to=new.parent_id, message=ChildResult(
+    return new, [*effects, *notify_parent(state, new)]
+
+
+def notify_parent(old: RunState, new: RunState) -> list[Effect]:
+    """A child that just ended tells its parent; the result travels with the final
+    checkpoint, in its outbox."""
+    if new.status in TERMINAL and old.status not in TERMINAL and new.parent_id:
+        return [SendMessage(to=new.parent_id, message=ChildResult(
             id=f"result:{new.run_id}", child_id=new.run_id, status=new.status,
             answer=new.result, error=new.error))]
-    return new, effects
+    return []
 
 
 def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:

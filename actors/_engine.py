@@ -36,7 +36,7 @@ from undying.persistence import (
 )
 
 from ._agent import Agent, load_agent
-from ._decide import TERMINAL, decide, mark_in_doubt, recover
+from ._decide import TERMINAL, decide, mark_in_doubt, notify_parent, recover
 from ._models import Model, ModelRequest, build_model
 from ._state import (
     CallModel,
@@ -55,10 +55,6 @@ from ._state import (
     ToolResult,
 )
 from ._tools import ToolArgumentsError, ToolContext
-
-
-class ZombieStopped(UndyingError):
-    pass
 
 
 def new_run_id() -> str:
@@ -106,6 +102,15 @@ def load_state(store: CheckpointStore, run_id: str) -> tuple[RunState, Any]:
     return state, loaded
 
 
+def outbox_entries(run_id: str, effects: list[Effect]) -> tuple[tuple[str, bytes], ...]:
+    """The outbox records of a step's messages to other runs: (message id, envelope)."""
+    return tuple(
+        (f"{run_id}>{e.to}:{e.message.id}",
+         pack("outbox", {"to": e.to, "m": Envelope(message=e.message).model_dump(mode="json")},
+              run_id=run_id))
+        for e in effects if isinstance(e, SendMessage))
+
+
 def end_run(store: CheckpointStore, run_id: str, status: str, reason: str) -> RunState:
     """End a run from outside its actor (the supervisor's crash-loop guard, an operator).
 
@@ -123,17 +128,9 @@ def end_run(store: CheckpointStore, run_id: str, status: str, reason: str) -> Ru
     event = StepEvent(step=new.step, kind=status, status=new.status, epoch=epoch,
                       at_ms=int(time.time() * 1000), delta_bytes=len(delta),
                       summary=f"{status}: {reason}"[:300])
-    outbox = []
-    if new.parent_id:
-        from ._state import ChildResult
-
-        msg = ChildResult(id=f"result:{run_id}", child_id=run_id, status=new.status,  # type: ignore[arg-type]
-                          error=reason)
-        outbox.append((f"{run_id}>{new.parent_id}:{msg.id}", pack("outbox", {
-            "to": new.parent_id, "m": Envelope(message=msg).model_dump(mode="json")}, run_id=run_id)))
     store.commit(run_id, Commit(epoch=epoch, step=new.step, status=new.status, delta=delta,
                                 events=(encode("event", event, run_id=run_id),),
-                                outbox=tuple(outbox)))
+                                outbox=outbox_entries(run_id, notify_parent(state, new))))
     release = getattr(store, "release_lease", None)
     if release is not None:
         release(run_id, epoch, done=True)
@@ -292,12 +289,7 @@ class RunEngine:
         snapshot = b""
         if self.journal_bytes + len(delta) >= self.compact_ratio * max(self.snapshot_bytes, 1):
             snapshot = encode("snapshot", new, run_id=rid)
-        outbox = []
-        for e in effects:
-            if isinstance(e, SendMessage):
-                env = pack("outbox", {"to": e.to, "m": Envelope(message=e.message).model_dump(
-                    mode="json")}, run_id=rid)
-                outbox.append((f"{rid}>{e.to}:{e.message.id}", env))
+        outbox = outbox_entries(rid, effects)
         event = StepEvent(step=new.step, kind=kind, status=new.status, epoch=self.epoch,
                           at_ms=int(time.time() * 1000), duration_ms=round(duration_ms, 3),
                           delta_bytes=0 if snapshot else len(delta),
@@ -306,7 +298,7 @@ class RunEngine:
             res = self.store.commit(rid, Commit(
                 epoch=self.epoch, step=new.step, status=new.status, delta=b"" if snapshot else delta,
                 snapshot=snapshot, events=(encode("event", event, run_id=rid),),
-                outbox=tuple(outbox), seen=(seen_id,) if seen_id else ()))
+                outbox=outbox, seen=(seen_id,) if seen_id else ()))
         except Fenced as exc:
             self.fenced = exc
             raise

@@ -27,12 +27,20 @@ from undying.persistence import Fenced, RedisStore
 
 from ._engine import RunEngine
 
-NAMESPACE_DEFAULT = "undying"
 LEASE_TTL_S = 3.0
 
 
 def actor_name(run_id: str, epoch: int) -> str:
     return f"run:{run_id}@{epoch}"
+
+
+def new_run_actor(run_id: str, redis_url: str, epoch: int, namespace: str,
+                  options: dict[str, Any], scheduling_strategy: Any = None) -> Any:
+    """Create the detached actor of one incarnation; its launcher claimed ``epoch``."""
+    extra = {} if scheduling_strategy is None else {"scheduling_strategy": scheduling_strategy}
+    return RunActor.options(  # type: ignore[attr-defined, misc, operator]
+        name=actor_name(run_id, epoch), namespace=namespace, lifetime="detached", **extra,
+    ).remote(run_id, redis_url, epoch, options)
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)

@@ -134,12 +134,8 @@ class RedisServer:
         return self.start()
 
 
-_owned: RedisServer | None = None
-
-
 def ensure_embedded(home: Path, *, appendfsync: str = "everysec") -> str:
     """Return the URL of the embedded server for ``home``, starting it if none answers."""
-    global _owned
     data = Path(home) / "redis"
     state_file = data / "server.json"
     if state_file.exists():
@@ -156,6 +152,5 @@ def ensure_embedded(home: Path, *, appendfsync: str = "everysec") -> str:
             pass
     server = RedisServer(data, appendfsync=appendfsync).start()
     state_file.write_text(json.dumps({"port": server.port, "pid": server.proc.pid if server.proc else 0}))
-    _owned = server
     atexit.register(server.stop)
     return server.url

@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from undying.actors import StepEvent
 from undying.actors._engine import end_run
-from undying.actors.ray_actor import LEASE_TTL_S, RunActor, actor_name
+from undying.actors.ray_actor import LEASE_TTL_S, actor_name, new_run_actor
 from undying.persistence import TERMINAL, Quarantined, RedisStore, RunNotFound, encode
 
 from ._policy import (
@@ -169,10 +169,8 @@ class SupervisorActor:
         node = await asyncio.to_thread(self._pick_node, run_id, avoid)
         epoch = await asyncio.to_thread(self.store.claim_epoch, run_id)
         opts = {"lease_ttl_s": LEASE_TTL_S, **self.options}
-        actor = RunActor.options(  # type: ignore[attr-defined, misc, operator]
-            name=actor_name(run_id, epoch), namespace=self.namespace, lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(run_id, self.redis_url, epoch, opts)
+        actor = new_run_actor(run_id, self.redis_url, epoch, self.namespace, opts,
+                              NodeAffinitySchedulingStrategy(node, soft=False))
         try:
             info: dict[str, Any] = await asyncio.wait_for(_await(actor.start.remote()),
                                                           self.start_timeout_s)

@@ -140,9 +140,8 @@ class Undying:
 
         if self._supervisor is None:
             init_ray(self.settings)
-            opts = {k: v for k, v in self.actor_options.items()}
             self._supervisor = get_supervisor(self.redis_url, self.settings.namespace,
-                                              self.policy, opts)
+                                              self.policy, dict(self.actor_options))
             ray.get(self._supervisor.boot.remote())
         return self._supervisor
 
@@ -152,9 +151,8 @@ class Undying:
             return
         import ray
 
-        out = ray.get(self.supervisor().launch.remote(run_id))
-        if out.get("status") in ("crashed", "fenced"):
-            raise UndyingError(f"run {run_id!r} could not be activated: {out.get('error')}")
+        # the supervisor raises if the run cannot be activated
+        ray.get(self.supervisor().launch.remote(run_id))
 
     def _find_actor(self, run_id: str) -> Any:
         """The actor of the run's current epoch, if one is registered."""
@@ -173,7 +171,7 @@ class Undying:
     def _launch(self, run_id: str) -> None:
         import ray
 
-        from undying.actors.ray_actor import RunActor, actor_name
+        from undying.actors.ray_actor import new_run_actor
 
         init_ray(self.settings)
         existing = self._find_actor(run_id)
@@ -184,10 +182,8 @@ class Undying:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass  # dead or hung: a new epoch fences it
         epoch = self.store.claim_epoch(run_id)
-        actor = RunActor.options(  # type: ignore[attr-defined, misc, operator]
-            name=actor_name(run_id, epoch), namespace=self.settings.namespace,
-            lifetime="detached",
-        ).remote(run_id, self.redis_url, epoch, self.actor_options)
+        actor = new_run_actor(run_id, self.redis_url, epoch, self.settings.namespace,
+                              self.actor_options)
         started = ray.get(actor.start.remote())
         if started.get("status") in ("crashed", "fenced"):
             raise UndyingError(f"run {run_id!r} could not be activated: {started.get('error')}")

@@ -34,7 +34,9 @@ def _fmt_ms(ms: float) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from undying.actors import StepEvent
     from undying.actors.research import agent, slow_agent
+    from undying.persistence import decode
 
     ud = _client()
     use = slow_agent(args.latency) if args.latency > 0 else agent
@@ -53,9 +55,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             events = ud.store.read_events(h.run_id, afters[h.run_id], 100, block_ms=200)
             for entry in events:
                 afters[h.run_id] = entry.entry_id
-                from undying.actors import StepEvent
-                from undying.persistence import decode
-
                 ev = decode("event", StepEvent, entry.data, run_id=h.run_id)
                 print(f"  {h.run_id} step {ev.step:3d} {ev.kind:<12} {ev.summary[:60]}")
                 if ev.status in ("finished", "failed", "cancelled", "quarantined"):

@@ -16,7 +16,7 @@ from typing import Any
 from undying.persistence import UndyingError
 
 from ._state import Budgets, Context, ModelSpec, SecretRef, ToolInfo
-from ._tools import BUILTIN_SCHEMAS, Tool
+from ._tools import BUILTIN_SCHEMAS, DELEGATE_SCHEMA, Tool
 
 
 class AgentNotFound(UndyingError):
@@ -28,7 +28,11 @@ class Agent:
                  model: ModelSpec | str = "scripted:research", tools: Iterable[Tool] = (),
                  budgets: Budgets | None = None, config: dict[str, Any] | None = None,
                  secrets: dict[str, SecretRef] | None = None, memory: bool = True,
+                 subagent: Agent | str | None = None, subagent_model: ModelSpec | str | None = None,
                  ref: str | None = None) -> None:
+        """``subagent``: the agent the builtin ``delegate`` tool spawns (an `Agent` defined
+        at module level, or its importable name); None means this agent cannot delegate.
+        ``subagent_model``: run sub-agents on this model instead of their own."""
         self.name = name
         self.version = version
         self.instructions = instructions
@@ -37,10 +41,13 @@ class Agent:
         for t in tools:
             if not isinstance(t, Tool):
                 raise TypeError(f"agent {name!r}: {t!r} is not a tool; decorate it with @tool")
-            if t.name in self.tools or t.name in BUILTIN_SCHEMAS:
+            if t.name in self.tools or t.name in BUILTIN_SCHEMAS or t.name == "delegate":
                 raise ValueError(f"agent {name!r}: two tools are named {t.name!r}")
             self.tools[t.name] = t
         self.memory = memory
+        self.subagent = subagent
+        self.subagent_model = (parse_model_spec(subagent_model) if isinstance(subagent_model, str)
+                               else subagent_model)
         self.budgets = budgets or Budgets()
         self.config = dict(config or {})
         self.secrets = dict(secrets or {})
@@ -68,24 +75,40 @@ class Agent:
             "importable module (not __main__), or pass ref='package.module:attribute'"
         )
 
+    def _builtins(self) -> list[str]:
+        names = list(BUILTIN_SCHEMAS) if self.memory else []
+        if self.subagent is not None:
+            names.append("delegate")
+        return names
+
     def tool_infos(self) -> dict[str, ToolInfo]:
         infos = {n: ToolInfo(name=n, side_effect=t.side_effect) for n, t in self.tools.items()}
-        if self.memory:
-            for n in BUILTIN_SCHEMAS:
-                infos[n] = ToolInfo(name=n, side_effect="pure", builtin=True)
+        for n in self._builtins():
+            infos[n] = ToolInfo(name=n, side_effect="pure", builtin=True)
         return infos
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         out = [t.schema() for t in self.tools.values()]
-        if self.memory:
-            out.extend(BUILTIN_SCHEMAS.values())
+        out.extend(DELEGATE_SCHEMA if n == "delegate" else BUILTIN_SCHEMAS[n]
+                   for n in self._builtins())
         return out
 
+    def subagent_ref(self) -> tuple[str | None, str | None]:
+        sub = self.subagent
+        if sub is None:
+            return None, None
+        if isinstance(sub, Agent):
+            return sub.ref, sub.version
+        return sub, None
+
     def context(self) -> Context:
+        sub_ref, sub_version = self.subagent_ref()
         return Context(agent_ref=self.ref, agent_version=self.version,
                        instructions=self.instructions, model=self.model,
                        tools=self.tool_infos(), budgets=self.budgets, config=self.config,
-                       secrets=self.secrets, created_ms=int(time.time() * 1000))
+                       secrets=self.secrets, created_ms=int(time.time() * 1000),
+                       subagent_ref=sub_ref, subagent_version=sub_version,
+                       subagent_model=self.subagent_model)
 
 
 def parse_model_spec(text: str) -> ModelSpec:

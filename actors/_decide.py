@@ -2,12 +2,22 @@
 
 No I/O, no clock, no randomness: the same state and message always give the
 same result, so a resumed run is just a loaded state, and the loop is tested
-without Ray or Redis. Effects name what to do (call the model, call a tool);
-the adapter performs them after the step's checkpoint is committed, and their
-results come back as messages.
+without Ray or Redis. Effects name what to do (call the model, call a tool,
+send a message to another run, set a timer); the adapter performs them after
+the step's checkpoint is committed, and their results come back as messages.
 
 Duplicates are harmless by construction: a result is applied only while its
-effect is pending, so a redelivered result finds nothing to apply.
+effect is pending (and only for the attempt that is pending), a child's
+result only while the child is pending, so a redelivered message finds
+nothing to apply.
+
+Delegation: the ``delegate`` builtin opens a group of children. Each child is
+a `Spawn` message in this run's outbox, committed with the step, and its id
+derives from this run's id and step, so a re-sent spawn finds the child that
+exists. The group resolves when all, any or the first K of its children
+finished (or every child ended), and its result becomes the tool message the
+model sees. A run that ends for any reason cancels its children still
+running and tells its parent.
 """
 
 from __future__ import annotations
@@ -16,21 +26,27 @@ import json
 from typing import Any
 
 from ._state import (
+    Budgets,
     CallModel,
     CallTool,
     Cancel,
     ChatMessage,
     ChildResult,
+    Delegation,
+    DelegationGroup,
     Effect,
+    EffectLost,
     JournalEntry,
-    MarkInDoubt,
     Message,
     ModelFailed,
     ModelReply,
     PendingEffect,
     RunState,
     SendMessage,
+    SetTimer,
+    Spawn,
     Start,
+    Timer,
     ToolCallRequest,
     ToolResult,
     Usage,
@@ -38,24 +54,36 @@ from ._state import (
 
 TERMINAL = frozenset({"finished", "failed", "cancelled", "quarantined"})
 
-# Tools decide handles itself: their effect is a change of state, so they
-# need no journal entry and no executor.
-BUILTIN_TOOLS = frozenset({"remember", "set_plan"})
+# Tools decide handles itself: their effect is a change of state (and, for
+# `delegate`, messages to new runs), so they need no journal entry and no executor.
+BUILTIN_TOOLS = frozenset({"remember", "set_plan", "delegate"})
+
+DEADLINE = "deadline"
 
 
 def decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
     new, effects = _decide(state, msg)
-    return new, [*effects, *notify_parent(state, new)]
+    return new, [*effects, *end_of_run(state, new)]
 
 
-def notify_parent(old: RunState, new: RunState) -> list[Effect]:
-    """A child that just ended tells its parent; the result travels with the final
-    checkpoint, in its outbox."""
-    if new.status in TERMINAL and old.status not in TERMINAL and new.parent_id:
-        return [SendMessage(to=new.parent_id, message=ChildResult(
+def end_of_run(old: RunState, new: RunState) -> list[Effect]:
+    """A run that just ended cancels its children still running and tells its parent.
+
+    Both travel with the final checkpoint, in its outbox, so neither is lost
+    nor sent twice whatever dies after the commit.
+    """
+    if new.status not in TERMINAL or old.status in TERMINAL:
+        return []
+    why = f"parent {new.run_id} {new.status}"
+    out: list[Effect] = [SendMessage(to=child, message=Cancel(id=f"cancel:{child}", reason=why))
+                         for child in sorted(new.delegation.pending)]
+    if new.parent_id:
+        d = new.delegation
+        out.append(SendMessage(to=new.parent_id, message=ChildResult(
             id=f"result:{new.run_id}", child_id=new.run_id, status=new.status,
-            answer=new.result, error=new.error))]
-    return []
+            answer=new.result, error=new.error, tokens=new.usage.tokens + d.tokens,
+            steps=new.step + d.steps)))
+    return out
 
 
 def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
@@ -66,44 +94,46 @@ def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
     if isinstance(msg, Cancel):
         return _advance(state, status="cancelled", pending={}, error=msg.reason), []
     if isinstance(msg, ModelReply):
-        if msg.effect_id not in state.pending:
+        if not _is_pending(state, msg.effect_id):
             return state, []
         return _model_reply(state, msg)
     if isinstance(msg, ModelFailed):
-        if msg.effect_id not in state.pending:
+        if not _is_pending(state, msg.effect_id):
             return state, []
         pending = {k: v for k, v in state.pending.items() if k != msg.effect_id}
         return _advance(state, status="failed", pending=pending,
                         error=f"model call failed: {msg.error}"), []
     if isinstance(msg, ToolResult):
-        if msg.effect_id not in state.pending:
+        if not _is_pending(state, msg.effect_id):
             return state, []
         return _tool_result(state, msg)
     if isinstance(msg, ChildResult):
         return _child_result(state, msg)
+    if isinstance(msg, EffectLost):
+        return _effect_lost(state, msg)
+    if isinstance(msg, Timer):
+        return _timer(state, msg)
+    if isinstance(msg, Spawn):
+        return state, []  # a spawn creates a run when relayed; it is never a run's input
     raise TypeError(f"run {state.run_id}: no rule for message {type(msg).__name__}")
 
 
-def recover(state: RunState) -> tuple[RunState, list[Effect]]:
-    """Effects to perform again after a restart: whatever was pending with no result.
+def _is_pending(state: RunState, effect_id: str) -> bool:
+    return effect_id in state.pending
 
-    A model call or an idempotent or keyed tool call is performed again (a
-    keyed one with its recorded key). An at-most-once call whose intent was
-    committed may or may not have happened: it is marked in doubt and never
-    re-run blindly.
+
+def recover(state: RunState) -> tuple[RunState, list[Effect]]:
+    """Every effect the run is waiting for, to dispatch again after a crash.
+
+    The adapter re-sends only those no executor has claimed: a claimed call
+    may be running, and comes back either as its result or as `EffectLost`,
+    whose rule decides by side-effect class what to do.
     """
     if state.status in TERMINAL:
         return state, []
     effects: list[Effect] = []
     for eid, p in sorted(state.pending.items()):
-        if p.kind == "model":
-            effects.append(CallModel(effect_id=eid))
-            continue
-        entry = state.journal[eid]
-        if entry.side_effect == "at_most_once":
-            effects.append(MarkInDoubt(effect_id=eid))
-        else:
-            effects.append(CallTool(effect_id=eid))
+        effects.append(CallModel(effect_id=eid) if p.kind == "model" else CallTool(effect_id=eid))
     return state, effects
 
 
@@ -130,11 +160,12 @@ def _check_budgets(s: RunState) -> RunState:
     if s.status in TERMINAL:
         return s
     b = s.context.budgets
+    tokens = s.usage.tokens + s.delegation.tokens  # the run's own and its subtree's
     reason = None
     if s.step > b.max_steps:
         reason = f"budget exceeded: steps {s.step} > {b.max_steps}"
-    elif s.usage.tokens > b.max_tokens:
-        reason = f"budget exceeded: tokens {s.usage.tokens} > {b.max_tokens}"
+    elif tokens > b.max_tokens:
+        reason = f"budget exceeded: tokens {tokens} > {b.max_tokens}"
     elif s.usage.tool_calls > b.max_tool_calls:
         reason = f"budget exceeded: tool calls {s.usage.tool_calls} > {b.max_tool_calls}"
     if reason is None:
@@ -160,7 +191,15 @@ def _start(state: RunState, msg: Start) -> tuple[RunState, list[Effect]]:
     if state.context.instructions:
         convo.append(ChatMessage(role="system", content=state.context.instructions))
     convo.append(ChatMessage(role="user", content=msg.task))
-    return _call_model(state, task=msg.task, conversation=tuple(convo))
+    new, effects = _call_model(state, task=msg.task, conversation=tuple(convo))
+    deadline = state.context.deadline_ms
+    if deadline is not None and new.status not in TERMINAL:
+        effects.append(SetTimer(timer_id=DEADLINE, at_ms=deadline))
+    return new, effects
+
+
+def _waiting_for_children(d: Delegation) -> bool:
+    return any(not g.resolved for g in d.groups.values())
 
 
 def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effect]]:
@@ -182,7 +221,9 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
     journal = dict(state.journal)
     memory = state.memory
     plan = state.plan
-    effects: list[Effect] = []
+    delegation = state.delegation
+    calls: list[Effect] = []
+    spawns: list[Effect] = []
     errors = 0
     tools = state.context.tools
     for i, tc in enumerate(reply.tool_calls):
@@ -191,6 +232,11 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
             errors += 1
             known = ", ".join(sorted(tools)) or "none"
             convo.append(_tool_msg(tc, f"error: unknown tool {tc.name!r}; available: {known}"))
+        elif info.builtin and tc.name == "delegate":
+            problem, delegation, more = _delegate(state, delegation, tc, step, i)
+            if problem is not None:
+                convo.append(_tool_msg(tc, problem))
+            spawns.extend(more)
         elif info.builtin:
             out, memory, plan = _builtin(tc, memory, plan)
             convo.append(_tool_msg(tc, out))
@@ -200,19 +246,82 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
                 call_id=call_id, model_call_id=tc.id, tool=tc.name, arguments=tc.arguments,
                 key=f"{state.run_id}:{step}:{i}", side_effect=info.side_effect, step=step)
             pending[call_id] = PendingEffect(effect_id=call_id, kind="tool", step=step)
-            effects.append(CallTool(effect_id=call_id))
-    usage = usage.model_copy(update={"tool_calls": usage.tool_calls + len(effects)})
+            calls.append(CallTool(effect_id=call_id))
+    usage = usage.model_copy(update={"tool_calls": usage.tool_calls + len(calls)})
     model_errors = state.model_errors + (1 if errors else 0)
     update = dict(conversation=tuple(convo), journal=journal, memory=memory, plan=plan,
-                  usage=usage, model_errors=model_errors)
+                  usage=usage, model_errors=model_errors, delegation=delegation)
     if model_errors > state.context.budgets.max_model_errors:
         return _advance(state, status="failed", pending={},
                         error=f"model made {model_errors} malformed turns", **update), []
-    if effects:
+    if calls or _waiting_for_children(delegation):
         new = _advance(state, status="running", pending=pending, **update)
-        return new, ([] if new.status in TERMINAL else effects)
+        return new, ([] if new.status in TERMINAL else [*calls, *spawns])
     # only builtins or errors: their results are already in the conversation
     return _call_model(state, pending=pending, **update)
+
+
+def _child_caps(state: RunState, spawned: int) -> Budgets:
+    """What a child may use at most: what this run has left (a child cannot exceed it)."""
+    b = state.context.budgets
+    return b.model_copy(update={
+        "max_steps": b.max_steps - state.step,
+        "max_tokens": b.max_tokens - state.usage.tokens - state.delegation.tokens,
+        "max_tool_calls": b.max_tool_calls - state.usage.tool_calls,
+        "max_children": max(0, b.max_children - spawned),
+    })
+
+
+def _delegate(state: RunState, d: Delegation, tc: ToolCallRequest, step: int,
+              index: int) -> tuple[str | None, Delegation, list[Effect]]:
+    """Open a delegation group: (error for the model, or None; new ledger; spawn messages)."""
+    ctx, b = state.context, state.context.budgets
+    args = tc.arguments
+    tasks = args.get("tasks")
+    if (not isinstance(tasks, list) or not tasks
+            or not all(isinstance(t, str) and t.strip() for t in tasks)):
+        return "error: delegate needs 'tasks', a non-empty list of non-empty strings", d, []
+    wait = args.get("wait", "all")
+    if wait == "all":
+        need = len(tasks)
+    elif wait == "any":
+        need = 1
+    elif isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= len(tasks):
+        need = wait
+    else:
+        return (f"error: delegate's 'wait' must be 'all', 'any' or a number from 1 to "
+                f"{len(tasks)}, not {wait!r}"), d, []
+    cancel_rest = args.get("cancel_rest", True)
+    if not isinstance(cancel_rest, bool):
+        return "error: delegate's 'cancel_rest' must be true or false", d, []
+    if ctx.subagent_ref is None:
+        return "error: this agent has no sub-agent to delegate to", d, []
+    if ctx.depth + 1 > b.max_depth:
+        return (f"error: delegation depth limit reached (this run is at depth {ctx.depth}, "
+                f"at most {b.max_depth}); answer from what you have"), d, []
+    if d.spawned + len(tasks) > b.max_children:
+        return (f"error: fan-out budget: {d.spawned} sub-agents spawned of at most "
+                f"{b.max_children}; {len(tasks)} more is too many"), d, []
+    caps = _child_caps(state, d.spawned + len(tasks))
+    if caps.max_steps < 2 or caps.max_tokens < 1:
+        return ("error: not enough budget left to delegate "
+                f"({caps.max_steps} steps, {caps.max_tokens} tokens)"), d, []
+    first = d.spawned
+    children = tuple(f"{state.run_id}.{step}-{first + j}" for j in range(len(tasks)))
+    group = DelegationGroup(call_id=tc.id, children=children, tasks=tuple(tasks), need=need,
+                            cancel_rest=cancel_rest)
+    spawns: list[Effect] = [
+        SendMessage(to=cid, message=Spawn(
+            id=f"spawn:{cid}", task=task, parent_id=state.run_id, agent_ref=ctx.subagent_ref,
+            agent_version=ctx.subagent_version, budgets=caps, depth=ctx.depth + 1,
+            deadline_ms=ctx.deadline_ms, model=ctx.subagent_model))
+        for cid, task in zip(children, tasks, strict=True)]
+    d = d.model_copy(update={
+        "pending": {**d.pending, **dict(zip(children, tasks, strict=True))},
+        "groups": {**d.groups, f"d{step}.{index}": group},
+        "spawned": d.spawned + len(tasks),
+    })
+    return None, d, spawns
 
 
 def _model_error(state: RunState, convo: list[ChatMessage], pending: dict[str, PendingEffect],
@@ -239,21 +348,87 @@ def _tool_result(state: RunState, msg: ToolResult) -> tuple[RunState, list[Effec
     tc = ToolCallRequest(id=entry.model_call_id, name=entry.tool, arguments=entry.arguments)
     content = f"error: {msg.error}" if msg.error else msg.output
     convo = (*state.conversation, _tool_msg(tc, content))
-    if any(p.kind == "tool" for p in pending.values()):
+    if any(p.kind == "tool" for p in pending.values()) or _waiting_for_children(state.delegation):
         return _advance(state, journal=journal, pending=pending, conversation=convo), []
     return _call_model(state, journal=journal, pending=pending, conversation=convo)
 
 
 def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Effect]]:
     d = state.delegation
-    if msg.child_id in d.done:  # applied once: a re-sent result finds it done
+    child = msg.child_id
+    if child in d.done or child not in d.pending:  # applied once; a stranger's result is ignored
         return state, []
-    delegation = d.model_copy(update={
-        "pending": {k: v for k, v in d.pending.items() if k != msg.child_id},
-        "done": {**d.done, msg.child_id: msg.status},
-        "results": {**d.results, msg.child_id: msg.answer or msg.error or ""},
+    text = (msg.answer or "") if msg.status == "finished" else (msg.error or msg.status)
+    d = d.model_copy(update={
+        "pending": {k: v for k, v in d.pending.items() if k != child},
+        "done": {**d.done, child: msg.status},
+        "results": {**d.results, child: text},
+        "order": (*d.order, child),
+        "tokens": d.tokens + msg.tokens,
+        "steps": d.steps + msg.steps,
     })
-    return _advance(state, delegation=delegation), []
+    convo = state.conversation
+    effects: list[Effect] = []
+    groups = dict(d.groups)
+    resolved_now = False
+    for gid, g in sorted(d.groups.items()):
+        if g.resolved or child not in g.children:
+            continue
+        ended = [c for c in d.order if c in g.children]
+        finished = [c for c in ended if d.done[c] == "finished"]
+        if len(finished) < g.need and len(ended) < len(g.children):
+            continue
+        report = finished[: g.need] if len(finished) >= g.need else ended
+        rest = [c for c in g.children if c not in d.done]
+        tasks = dict(zip(g.children, g.tasks, strict=True))
+        content = json.dumps({
+            "results": [{"run_id": c, "task": tasks[c], "status": d.done[c],
+                         ("answer" if d.done[c] == "finished" else "error"): d.results[c]}
+                        for c in report],
+            "cancelled": rest if g.cancel_rest else [],
+            "still_running": [] if g.cancel_rest else rest,
+        })
+        convo = (*convo, ChatMessage(role="tool", content=content, tool_call_id=g.call_id,
+                                     name="delegate"))
+        groups[gid] = g.model_copy(update={"resolved": True})
+        resolved_now = True
+        if g.cancel_rest:
+            why = f"parent {state.run_id} has the {g.need} result(s) it waited for"
+            effects += [SendMessage(to=c, message=Cancel(id=f"cancel:{c}", reason=why))
+                        for c in rest]
+    d = d.model_copy(update={"groups": groups})
+    if (resolved_now and not _waiting_for_children(d)
+            and not any(p.kind == "tool" for p in state.pending.values())):
+        new, more = _call_model(state, delegation=d, conversation=convo)
+        return new, ([] if new.status in TERMINAL else [*effects, *more])
+    new = _advance(state, delegation=d, conversation=convo)
+    return new, ([] if new.status in TERMINAL else effects)
+
+
+def _effect_lost(state: RunState, msg: EffectLost) -> tuple[RunState, list[Effect]]:
+    eid = msg.effect_id
+    p = state.pending.get(eid)
+    if p is None or p.attempt != msg.attempt:
+        return state, []  # already answered, or already dispatched again
+    what = "model" if p.kind == "model" else f"tool {state.journal[eid].tool!r}"
+    if msg.attempt >= state.context.budgets.max_effect_attempts:
+        return _advance(state, status="failed", pending={}, error=(
+            f"the {what} call {eid} was lost {msg.attempt} times (its executor died each "
+            f"time); last: {msg.reason or 'no reason given'}")), []
+    if p.kind == "tool" and msg.started and state.journal[eid].side_effect == "at_most_once":
+        return mark_in_doubt(state, eid), []
+    pending = {**state.pending, eid: p.model_copy(update={"attempt": p.attempt + 1})}
+    effect: Effect = CallModel(effect_id=eid) if p.kind == "model" else CallTool(effect_id=eid)
+    new = _advance(state, pending=pending)
+    return new, ([] if new.status in TERMINAL else [effect])
+
+
+def _timer(state: RunState, msg: Timer) -> tuple[RunState, list[Effect]]:
+    if msg.timer_id == DEADLINE:
+        limit = state.context.budgets.max_wall_s
+        return _advance(state, status="failed", pending={},
+                        error=f"budget exceeded: wall time of {limit}s"), []
+    return state, []
 
 
 def _tool_msg(tc: ToolCallRequest, content: str) -> ChatMessage:

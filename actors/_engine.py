@@ -1,20 +1,21 @@
-"""The run engine: one run's step loop, with no Ray in it.
+"""The run engine: one activation of one run, with no Ray in it.
 
-Activation (start, crash-resume and, later, re-activation after passivation
-are one path): claim a new epoch, load the checkpoint, re-send the outbox,
-re-dispatch pending effects by their side-effect class, read the inbox from
-the cursor the checkpoint consumed. Then for each message: dedup, decide,
-commit, and only then perform the effects. A crash before a commit
-redelivers the message (it is in the inbox, or its effect is still pending);
-a crash after it resumes from the new state.
+Activation (start, crash-resume and re-activation after passivation are one
+path): take the run's lease with a new epoch, load the checkpoint, re-send the
+outbox, and after an activation that died, re-send the calls no executor
+claimed and reconcile children that ended. Then for each inbox message:
+dedup, decide, commit, and only then relay the step's messages and dispatch
+its calls. When the inbox is empty the host passivates the run (the store
+refuses if a message arrived meanwhile, and the host goes on). A crash before
+a commit redelivers the message; a crash after it resumes from the new state.
 
-The Ray actor (`ray_actor.RunActor`) is a thin adapter around this class;
-tests drive it directly against any `CheckpointStore`.
+Hosts (`ray_host.RunHost`) and the in-process runner (`inline.host_inline`)
+are thin adapters around this class; tests drive it against any store.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import time
 import uuid
 from collections.abc import Callable
@@ -24,37 +25,36 @@ from undying.persistence import (
     CheckpointStore,
     Commit,
     CorruptCheckpoint,
-    Fenced,
+    RunExists,
+    RunNotFound,
     UndyingError,
     apply_delta,
     diff_states,
     encode,
     pack,
-    plain,
     unpack,
     validate,
 )
 
-from ._agent import Agent, load_agent
-from ._decide import TERMINAL, decide, mark_in_doubt, notify_parent, recover
-from ._models import Model, ModelRequest, build_model
+from ._agent import Agent, AgentNotFound, load_agent
+from ._decide import TERMINAL, decide, end_of_run
+from ._executor import EffectRequest, message_bytes, rec_started, report_lost
 from ._state import (
+    Budgets,
     CallModel,
     CallTool,
-    ChatMessage,
+    ChildResult,
+    Context,
     Effect,
     Envelope,
-    MarkInDoubt,
     Message,
-    ModelFailed,
-    ModelReply,
     RunState,
     SendMessage,
+    SetTimer,
+    Spawn,
     Start,
     StepEvent,
-    ToolResult,
 )
-from ._tools import ToolArgumentsError, ToolContext
 
 
 def new_run_id() -> str:
@@ -62,18 +62,59 @@ def new_run_id() -> str:
 
 
 def encode_message(msg: Message, run_id: str = "?") -> bytes:
-    return encode("message", Envelope(message=msg), run_id=run_id)
+    return message_bytes(msg, run_id)
 
 
 def create_run(store: CheckpointStore, agent: Agent, task: str, *, run_id: str | None = None,
                parent_id: str | None = None) -> str:
-    """Store a new run and its first message. Nothing runs until it is activated."""
-    run_id = run_id or new_run_id()
-    state = RunState(run_id=run_id, parent_id=parent_id, context=agent.context())
-    store.create(run_id, encode("snapshot", state, run_id=run_id), agent=agent.ref,
+    """Store a new root run and its first message, queued for activation."""
+    ctx = agent.context()
+    if agent.budgets.max_wall_s is not None:
+        ctx = ctx.model_copy(update={
+            "deadline_ms": ctx.created_ms + int(agent.budgets.max_wall_s * 1000)})
+    return create_run_from(store, ctx, task, run_id=run_id or new_run_id(), parent_id=parent_id)
+
+
+def create_run_from(store: CheckpointStore, ctx: Context, task: str, *, run_id: str,
+                    parent_id: str | None = None) -> str:
+    state = RunState(run_id=run_id, parent_id=parent_id, context=ctx)
+    store.create(run_id, encode("snapshot", state, run_id=run_id), agent=ctx.agent_ref,
                  parent=parent_id or "",
                  first_message=encode_message(Start(id=f"start:{run_id}", task=task), run_id))
     return run_id
+
+
+def cap_budgets(own: Budgets, caps: Budgets) -> Budgets:
+    """Field by field the smaller: a child never gets more than its parent had left."""
+    out: dict[str, Any] = {}
+    for name in Budgets.model_fields:
+        a, b = getattr(own, name), getattr(caps, name)
+        out[name] = b if a is None else a if b is None else min(a, b)
+    return Budgets(**out)
+
+
+def spawn_child(store: Any, child_id: str, spawn: Spawn) -> None:
+    """Create the child run a parent's committed spawn asks for; a re-sent spawn is a no-op."""
+    try:
+        agent = load_agent(spawn.agent_ref, spawn.agent_version)
+        ctx = agent.context()
+    except AgentNotFound as exc:
+        # the child cannot exist here: its parent learns it as a child that failed
+        msg = ChildResult(id=f"result:{child_id}", child_id=child_id, status="failed",
+                          error=f"cannot start sub-agent: {exc}")
+        store.deliver(spawn.parent_id, encode_message(msg, spawn.parent_id))
+        return
+    update: dict[str, Any] = {"budgets": cap_budgets(agent.budgets, spawn.budgets),
+                              "depth": spawn.depth, "deadline_ms": spawn.deadline_ms}
+    if spawn.model is not None:
+        update["model"] = spawn.model
+        if ctx.subagent_ref is not None:  # and down the tree
+            update["subagent_model"] = spawn.model
+    ctx = ctx.model_copy(update=update)
+    try:
+        create_run_from(store, ctx, spawn.task, run_id=child_id, parent_id=spawn.parent_id)
+    except RunExists:
+        pass  # a spawn re-sent after a crash finds the child that exists
 
 
 def load_state(store: CheckpointStore, run_id: str) -> tuple[RunState, Any]:
@@ -111,11 +152,40 @@ def outbox_entries(run_id: str, effects: list[Effect]) -> tuple[tuple[str, bytes
         for e in effects if isinstance(e, SendMessage))
 
 
-def end_run(store: CheckpointStore, run_id: str, status: str, reason: str) -> RunState:
-    """End a run from outside its actor (the supervisor's crash-loop guard, an operator).
+def relay(store: Any, run_id: str, message_id: str, envelope: bytes) -> bool:
+    """Deliver one committed outbox entry, then mark it relayed. False: try again later.
+
+    A spawn creates the child run; anything else goes to the recipient's inbox
+    (which queues the recipient if it is passivated). Recipients dedup by
+    message id, so re-sending after a crash is harmless.
+    """
+    try:
+        data = unpack("outbox", envelope, run_id=run_id)
+        if not isinstance(data, dict) or not isinstance(data.get("to"), str) or "m" not in data:
+            raise CorruptCheckpoint(run_id, f"outbox entry {message_id} has no recipient")
+        msg = validate("message", Envelope, data["m"], run_id=run_id).message
+    except CorruptCheckpoint as exc:
+        store.quarantine(run_id, f"outbox entry {message_id}: {exc.reason}")
+        raise
+    try:
+        if isinstance(msg, Spawn):
+            spawn_child(store, data["to"], msg)
+        else:
+            store.deliver(data["to"], encode_message(msg, run_id))
+    except RunNotFound:
+        pass  # the recipient was deleted: nobody is left to tell
+    except UndyingError:
+        return False  # store down: stays in the outbox, re-sent later
+    store.mark_relayed(run_id, message_id)
+    return True
+
+
+def end_run(store: Any, run_id: str, status: str, reason: str) -> RunState:
+    """End a run from outside its host (the supervisor's crash-loop guard, an operator).
 
     It takes a new epoch first, so any incarnation still alive is fenced and
-    cannot write after this; then it commits the terminal state like any step.
+    cannot write after this; then it commits the terminal state like any step
+    and relays what that sends (the parent's result, cancels to children).
     """
     epoch = store.claim_epoch(run_id)
     state, loaded = load_state(store, run_id)
@@ -128,77 +198,112 @@ def end_run(store: CheckpointStore, run_id: str, status: str, reason: str) -> Ru
     event = StepEvent(step=new.step, kind=status, status=new.status, epoch=epoch,
                       at_ms=int(time.time() * 1000), delta_bytes=len(delta),
                       summary=f"{status}: {reason}"[:300])
+    outbox = outbox_entries(run_id, end_of_run(state, new))
     store.commit(run_id, Commit(epoch=epoch, step=new.step, status=new.status, delta=delta,
-                                events=(encode("event", event, run_id=run_id),),
-                                outbox=outbox_entries(run_id, notify_parent(state, new))))
+                                events=(encode("event", event, run_id=run_id),), outbox=outbox))
+    for mid, env in (*loaded.outbox, *outbox):
+        relay(store, run_id, mid, env)
     release = getattr(store, "release_lease", None)
     if release is not None:
         release(run_id, epoch, done=True)
     return new
 
 
+Dispatch = Callable[[list[EffectRequest]], None]
+
+
 class RunEngine:
-    def __init__(self, run_id: str, store: CheckpointStore, *, effect_concurrency: int = 8,
-                 compact_ratio: float = 2.0, ledger: Any = None,
-                 model_factory: Callable[[Any], Model] | None = None,
-                 lease_ttl_s: float | None = None, owner: str = "") -> None:
+    """One activation of one run. ``dispatch`` sends model and tool calls to an executor."""
+
+    def __init__(self, run_id: str, store: Any, *, dispatch: Dispatch,
+                 compact_ratio: float = 2.0,
+                 lost: Callable[[str], bool] | None = None,
+                 on_applied: Callable[[Message], None] | None = None,
+                 on_spawn: Callable[[str], None] | None = None,
+                 after_commit: Callable[[RunState], None] | None = None) -> None:
         self.run_id = run_id
         self.store = store
-        self.effect_concurrency = effect_concurrency
+        self.dispatch = dispatch
         # compact to a snapshot when the journal since it reaches this multiple of its size
         self.compact_ratio = compact_ratio
-        self.ledger = ledger if ledger is not None else store
-        self.model_factory = model_factory or build_model
+        # which executors' claims count as lost on a recovering activation (in-process only:
+        # on a cluster, the supervisor and executors' next incarnations decide that)
+        self.lost = lost
+        self.on_applied = on_applied
+        self.on_spawn = on_spawn
+        # called between a commit and its relays and dispatches (tests pause here to kill)
+        self.after_commit = after_commit
         self.epoch = 0
         self.state: RunState | None = None
         self.agent: Agent | None = None
-        self.model: Model | None = None
         self.seen: set[str] = set()
         self.read_cursor = "0-0"
         self.journal_bytes = 0
         self.snapshot_bytes = 0
-        self.queue: asyncio.Queue[tuple[Message, str | None, float, asyncio.Future[None] | None]]
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.sem: asyncio.Semaphore
-        self.fenced: Fenced | None = None
-        # liveness: a lease renewed every ttl/3 by the current epoch only
-        self.lease_ttl_s = lease_ttl_s
-        self.owner = owner
-        self.stop_reason: str | None = None
-        self.lease_task: asyncio.Task[None] | None = None
+        self.queue: collections.deque[tuple[Message, str | None, float]] = collections.deque()
+        self.steps = 0
 
     # -- activation ---------------------------------------------------------
 
-    async def activate(self, epoch: int | None = None) -> RunState:
-        """Load and resume. ``epoch``: one the launcher already claimed for this incarnation."""
-        self.queue = asyncio.Queue()
-        self.sem = asyncio.Semaphore(self.effect_concurrency)
-        self.epoch = epoch if epoch is not None else self.store.claim_epoch(self.run_id)
-        if self.lease_ttl_s:
-            self._renew()  # before any work: a superseded epoch stops here
-            self.lease_task = asyncio.get_running_loop().create_task(self._keep_lease())
+    def activate(self, epoch: int, clean: bool = True) -> RunState:
+        """Load and resume, under an epoch the caller took with the run's lease."""
+        self.epoch = epoch
         state, loaded = load_state(self.store, self.run_id)
         self.state = state
         self.seen = set(loaded.seen)
         self.journal_bytes = loaded.journal_bytes
         self.snapshot_bytes = loaded.snapshot_bytes
         self.read_cursor = state.inbox_cursor
+        for mid, env in loaded.outbox:
+            relay(self.store, self.run_id, mid, env)
+        if state.status in TERMINAL:
+            return state
         ctx = state.context
         self.agent = load_agent(ctx.agent_ref, ctx.agent_version)
-        self.model = self.model_factory(ctx.model)
-        for mid, env in loaded.outbox:
-            self._relay(mid, env)
-        _, effects = recover(state)
-        for e in effects:
-            if isinstance(e, MarkInDoubt):
-                self._commit(mark_in_doubt(self.state, e.effect_id), [], "in_doubt", None, 0.0)
-            else:
-                self._perform(e)
+        if not clean:
+            self._recover(state)
         self.pull_inbox()
-        return self.state
+        return state
+
+    def _recover(self, state: RunState) -> None:
+        """After an activation that died: re-send calls no executor claimed (a claim names
+        the one executor that may run that attempt), and ask children that ended."""
+        records = self.store.fx_records(self.run_id)
+        resend = []
+        for eid, p in sorted(state.pending.items()):
+            rec = records.get(eid, "")
+            if rec == f"{p.attempt}|q":
+                resend.append(CallModel(effect_id=eid) if p.kind == "model"
+                              else CallTool(effect_id=eid))
+            elif rec[len(str(p.attempt)):].startswith(("|c|", "|s|")) and self.lost is not None \
+                    and self.lost(rec.split("|", 2)[2]):
+                report_lost(self.store, self.run_id, eid, p.attempt, started=rec_started(rec),
+                            reason="its executor died with the run's last activation")
+        if resend:
+            self.dispatch(self._requests(state, resend))
+        self._reconcile_children(state)
+
+    def _reconcile_children(self, state: RunState) -> None:
+        """A child that ended while its result could not reach us is asked directly."""
+        for child in sorted(state.delegation.pending):
+            try:
+                info = self.store.info(child)
+            except RunNotFound:
+                continue
+            if info.status not in TERMINAL:
+                continue
+            try:
+                cs, _ = load_state(self.store, child)
+            except UndyingError:
+                continue
+            msg = ChildResult(id=f"result:{child}", child_id=child, status=cs.status,
+                              answer=cs.result, error=cs.error,
+                              tokens=cs.usage.tokens + cs.delegation.tokens,
+                              steps=cs.step + cs.delegation.steps)
+            self.store.deliver(self.run_id, encode_message(msg, self.run_id))
 
     def pull_inbox(self) -> int:
-        """Queue inbox entries not yet read. Called on activation and on every wake-up."""
+        """Queue inbox entries not yet read."""
         n = 0
         while True:
             entries = self.store.read_inbox(self.run_id, self.read_cursor, 100)
@@ -210,75 +315,35 @@ class RunEngine:
                 except CorruptCheckpoint as exc:
                     self.store.quarantine(self.run_id, f"inbox entry {entry.entry_id}: {exc.reason}")
                     raise
-                self.queue.put_nowait((msg, entry.entry_id, time.perf_counter(), None))
+                self.queue.append((msg, entry.entry_id, time.perf_counter()))
                 n += 1
             if len(entries) < 100:
                 return n
 
     # -- the loop -------------------------------------------------------------
 
-    async def run(self) -> RunState:
-        """Activate, then handle messages until the run ends. Raises `Fenced` if superseded."""
-        if self.state is None:
-            await self.activate()
+    def drain(self) -> RunState:
+        """Apply every message that is there, then return (the caller passivates)."""
         assert self.state is not None
-        try:
-            while self.state.status not in TERMINAL and self.stop_reason is None:
-                msg, entry_id, t0, done = await self.queue.get()
-                if msg is None:
-                    continue  # a stop request: the loop condition decides
-                try:
-                    self.step(msg, entry_id, t0)
-                finally:
-                    if done is not None and not done.done():
-                        done.set_result(None)
-        finally:
-            for t in list(self.tasks):
-                t.cancel()
-            if self.lease_task is not None:
-                self.lease_task.cancel()
-        if self.fenced is not None:
-            raise self.fenced
-        if self.lease_ttl_s and self.state.status in TERMINAL:
-            self.store.release_lease(self.run_id, self.epoch, done=True)  # type: ignore[attr-defined]
-        return self.state
-
-    def request_stop(self, reason: str) -> None:
-        """Stop after the current step (graceful drain, or superseded)."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.queue.put_nowait((None, None, 0.0, None))  # type: ignore[arg-type]
-
-    def _renew(self) -> None:
-        assert self.lease_ttl_s is not None
-        self.store.renew_lease(  # type: ignore[attr-defined]
-            self.run_id, self.epoch, self.owner or f"epoch {self.epoch}",
-            int(self.lease_ttl_s * 1000))
-
-    async def _keep_lease(self) -> None:
-        assert self.lease_ttl_s is not None
         while True:
-            await asyncio.sleep(self.lease_ttl_s / 3)
-            try:
-                await asyncio.to_thread(self._renew)
-            except Fenced as exc:
-                self.fenced = exc
-                self.request_stop("fenced")
-                return
-            except UndyingError:
-                continue  # store down: keep trying; the commit path will wait for it too
+            while self.queue and self.state.status not in TERMINAL:
+                msg, entry_id, t0 = self.queue.popleft()
+                self.step(msg, entry_id, t0)
+            if self.state.status in TERMINAL or self.pull_inbox() == 0:
+                return self.state
 
     def step(self, msg: Message, entry_id: str | None, t0: float) -> None:
         assert self.state is not None
         if entry_id is not None and msg.id in self.seen:
             return  # a redelivered message: applied before
         new, effects = decide(self.state, msg)
-        if new is self.state:
-            return  # nothing to apply (a late or duplicate result)
-        if entry_id is not None:
-            new = new.model_copy(update={"inbox_cursor": entry_id})
-        self._commit(new, effects, msg.type, entry_id and msg.id,
-                     (time.perf_counter() - t0) * 1000)
+        if new is not self.state:
+            if entry_id is not None:
+                new = new.model_copy(update={"inbox_cursor": entry_id})
+            self._commit(new, effects, msg.type, entry_id and msg.id,
+                         (time.perf_counter() - t0) * 1000)
+        if self.on_applied is not None:
+            self.on_applied(msg)
 
     def _commit(self, new: RunState, effects: list[Effect], kind: str, seen_id: str | None,
                 duration_ms: float) -> None:
@@ -290,108 +355,61 @@ class RunEngine:
         if self.journal_bytes + len(delta) >= self.compact_ratio * max(self.snapshot_bytes, 1):
             snapshot = encode("snapshot", new, run_id=rid)
         outbox = outbox_entries(rid, effects)
+        calls = [e for e in effects if isinstance(e, (CallModel, CallTool))]
         event = StepEvent(step=new.step, kind=kind, status=new.status, epoch=self.epoch,
                           at_ms=int(time.time() * 1000), duration_ms=round(duration_ms, 3),
                           delta_bytes=0 if snapshot else len(delta),
                           snapshot_bytes=len(snapshot), summary=_summary(new, kind))
-        try:
-            res = self.store.commit(rid, Commit(
-                epoch=self.epoch, step=new.step, status=new.status, delta=b"" if snapshot else delta,
-                snapshot=snapshot, events=(encode("event", event, run_id=rid),),
-                outbox=outbox, seen=(seen_id,) if seen_id else ()))
-        except Fenced as exc:
-            self.fenced = exc
-            raise
+        res = self.store.commit(rid, Commit(
+            epoch=self.epoch, step=new.step, status=new.status, delta=b"" if snapshot else delta,
+            snapshot=snapshot, events=(encode("event", event, run_id=rid),),
+            outbox=outbox, seen=(seen_id,) if seen_id else (),
+            effects=tuple((e.effect_id, new.pending[e.effect_id].attempt) for e in calls),
+            timers=tuple((e.timer_id, e.at_ms) for e in effects if isinstance(e, SetTimer))))
         self.journal_bytes, self.snapshot_bytes = res.journal_bytes, res.snapshot_bytes
         self.state = new
+        self.steps += 1
         if seen_id:
             self.seen.add(seen_id)
+        if self.after_commit is not None:
+            self.after_commit(new)
         for mid, env in outbox:
-            self._relay(mid, env)
-        for e in effects:
-            if not isinstance(e, SendMessage):
-                self._perform(e)
+            relay(self.store, rid, mid, env)
+        if self.on_spawn is not None:
+            for e in effects:
+                if isinstance(e, SendMessage) and isinstance(e.message, Spawn):
+                    self.on_spawn(e.to)
+        if calls:
+            self.dispatch(self._requests(new, calls))
 
-    def _relay(self, message_id: str, envelope: bytes) -> None:
-        try:
-            data = unpack("outbox", envelope, run_id=self.run_id)
-            if not isinstance(data, dict) or not isinstance(data.get("to"), str) or "m" not in data:
-                raise CorruptCheckpoint(self.run_id, f"outbox entry {message_id} has no recipient")
-            msg = validate("message", Envelope, data["m"], run_id=self.run_id)
-        except CorruptCheckpoint as exc:
-            self.store.quarantine(self.run_id, f"outbox entry {message_id}: {exc.reason}")
-            raise
-        try:
-            self.store.send(data["to"], encode("message", msg, run_id=self.run_id))
-        except UndyingError:
-            return  # recipient unknown or store down: stays in the outbox, re-sent next activation
-        self.store.mark_relayed(self.run_id, message_id)
+    def relay_outbox(self) -> None:
+        """Re-send what the store still holds in the outbox (before passivating)."""
+        for mid, env in self.store.load(self.run_id).outbox:
+            relay(self.store, self.run_id, mid, env)
 
     # -- effects ---------------------------------------------------------------
 
-    def _perform(self, e: Effect) -> None:
-        if isinstance(e, CallModel):
-            coro = self._call_model(e.effect_id)
-        elif isinstance(e, CallTool):
-            coro = self._call_tool(e.effect_id)
-        else:
-            return
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _submit(self, msg: Message, t0: float) -> None:
-        """Hand a result to the loop and wait until its step is committed.
-
-        Holding the effect slot until then means that with concurrency 1 no
-        effect starts before the previous one's result is durable.
-        """
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((msg, None, t0, fut))
-        await fut
-
-    async def _call_model(self, eid: str) -> None:
-        async with self.sem:
-            assert self.state is not None and self.agent is not None and self.model is not None
-            t0 = time.perf_counter()
-            req = ModelRequest(messages=self.state.conversation, tools=self.agent.tool_schemas(),
-                               run_id=self.run_id, effect_id=eid)
-            msg: Message
-            try:
-                resp = await self.model.complete(req)
-                # whatever a provider sent must be storable, or the step would redo forever
-                reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
-                msg = ModelReply(id=f"reply:{eid}", effect_id=eid, message=reply,
-                                 tokens_in=resp.tokens_in, tokens_out=resp.tokens_out)
-            except Exception as exc:  # a provider fault is data for the loop, not a crash
-                msg = ModelFailed(id=f"failed:{eid}", effect_id=eid,
-                                  error=f"{type(exc).__name__}: {exc}")
-            await self._submit(msg, t0)
-
-    async def _call_tool(self, eid: str) -> None:
-        async with self.sem:
-            assert self.state is not None and self.agent is not None
-            entry = self.state.journal[eid]
-            t0 = time.perf_counter()
-            tool = self.agent.tools.get(entry.tool)
-            ctx = ToolContext(run_id=self.run_id, call_id=eid, key=entry.key,
-                              config=self.agent.config)
-            msg: ToolResult
-            if tool is None:
-                msg = ToolResult(id=f"tool:{eid}", effect_id=eid,
-                                 error=f"tool {entry.tool!r} is not installed on this node")
-            else:
-                try:
-                    tool.validate(entry.arguments)
-                    self.ledger.ledger_record(self.run_id, entry.tool, entry.key)
-                    out = await tool.invoke(entry.arguments, ctx)
-                    msg = ToolResult(id=f"tool:{eid}", effect_id=eid, output=plain(out))
-                except ToolArgumentsError as exc:
-                    msg = ToolResult(id=f"tool:{eid}", effect_id=eid, error=str(exc))
-                except Exception as exc:
-                    msg = ToolResult(id=f"tool:{eid}", effect_id=eid,
-                                     error=f"{type(exc).__name__}: {exc}")
-            await self._submit(msg, t0)
+    def _requests(self, state: RunState, calls: list[Effect]) -> list[EffectRequest]:
+        assert self.agent is not None
+        ctx = state.context
+        out = []
+        schemas: tuple[dict[str, Any], ...] | None = None
+        for e in calls:
+            p = state.pending[e.effect_id]  # type: ignore[union-attr]
+            if isinstance(e, CallModel):
+                if schemas is None:
+                    schemas = tuple(self.agent.tool_schemas())
+                out.append(EffectRequest(
+                    run_id=self.run_id, effect_id=e.effect_id, attempt=p.attempt, kind="model",
+                    agent_ref=ctx.agent_ref, agent_version=ctx.agent_version, spec=ctx.model,
+                    messages=state.conversation, tools=schemas))
+            elif isinstance(e, CallTool):
+                entry = state.journal[e.effect_id]
+                out.append(EffectRequest(
+                    run_id=self.run_id, effect_id=e.effect_id, attempt=p.attempt, kind="tool",
+                    agent_ref=ctx.agent_ref, agent_version=ctx.agent_version, tool=entry.tool,
+                    arguments=entry.arguments, key=entry.key))
+        return out
 
 
 def _summary(s: RunState, kind: str) -> str:
@@ -402,9 +420,17 @@ def _summary(s: RunState, kind: str) -> str:
     last = s.conversation[-1] if s.conversation else None
     if kind == "model_reply" and last is not None:
         names = [c.name for c in last.tool_calls]
+        if "delegate" in names:
+            return f"model: {', '.join(names)} ({s.delegation.spawned} sub-agents so far)"[:300]
         return f"model: {', '.join(names) or 'reply'}"[:300]
     if kind == "tool_result" and last is not None:
         return f"tool {last.name}: {len(last.content)} chars"
+    if kind == "child_result":
+        d = s.delegation
+        return f"sub-agent ended ({len(d.done)} done, {len(d.pending)} pending)"
+    if kind == "effect_lost":
+        return "a call was lost with its executor: dispatched again or marked in doubt"
     if kind == "start":
         return f"task: {s.task[:200]}"
     return kind
+

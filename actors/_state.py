@@ -53,10 +53,16 @@ class Usage(Strict):
 
 
 class Budgets(Strict):
+    """Limits of one run. A child's budgets are capped by what its parent has left."""
+
     max_steps: int = 200
     max_tokens: int = 1_000_000
     max_tool_calls: int = 500
     max_model_errors: int = 3
+    max_depth: int = 3  # how deep the delegation tree below a root may go
+    max_children: int = 100  # sub-agents one run may spawn in all (fan-out)
+    max_wall_s: float | None = None  # wall time from the root's creation
+    max_effect_attempts: int = 4  # a model or tool call lost this often (its executor died) fails the run
 
 
 class SecretRef(Strict):
@@ -91,6 +97,11 @@ class Context(Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     secrets: dict[str, SecretRef] = Field(default_factory=dict)
     created_ms: int = 0
+    depth: int = 0  # 0 for a root run, parent's depth + 1 for a sub-agent
+    subagent_ref: str | None = None  # the agent `delegate` spawns; None: no delegation
+    subagent_version: str | None = None
+    subagent_model: ModelSpec | None = None  # overrides the sub-agent's own model (configuration)
+    deadline_ms: int | None = None  # wall-time budget as an absolute time, inherited down the tree
 
 
 # -- tool-call journal and delegation ----------------------------------------------
@@ -111,18 +122,35 @@ class JournalEntry(Strict):
     error: str | None = None
 
 
+class DelegationGroup(Strict):
+    """One `delegate` call: its children, and how many must end before the model goes on."""
+
+    call_id: str  # the model's tool call id, answered when the group resolves
+    children: tuple[str, ...]
+    tasks: tuple[str, ...]
+    need: int  # all, any (1) or the first K
+    cancel_rest: bool = True  # once resolved, cancel the children still running
+    resolved: bool = False
+
+
 class Delegation(Strict):
-    """Sub-agent bookkeeping (used by delegation; empty until then, but in the schema)."""
+    """Sub-agent bookkeeping: the ledger a parent keeps of its children."""
 
     pending: dict[str, str] = Field(default_factory=dict)  # child run id -> task
     done: dict[str, str] = Field(default_factory=dict)  # child run id -> status
     results: dict[str, str] = Field(default_factory=dict)  # child run id -> answer
+    groups: dict[str, DelegationGroup] = Field(default_factory=dict)  # group id -> group
+    order: tuple[str, ...] = ()  # children in the order their results arrived
+    spawned: int = 0  # children spawned in all (the fan-out budget)
+    tokens: int = 0  # tokens used by finished children and their subtrees
+    steps: int = 0  # steps taken by finished children and their subtrees
 
 
 class PendingEffect(Strict):
     effect_id: str
     kind: Literal["model", "tool"]
     step: int
+    attempt: int = 1  # bumped each time the call is dispatched again after its executor died
 
 
 class RunState(Strict):
@@ -152,6 +180,22 @@ class Start(Strict):
     type: Literal["start"] = "start"
     id: str
     task: str
+
+
+class Spawn(Strict):
+    """A parent's request for a sub-agent, committed in its outbox; relaying it creates the
+    child run (idempotently: the child id derives from the parent id and step)."""
+
+    type: Literal["spawn"] = "spawn"
+    id: str
+    task: str
+    parent_id: str
+    agent_ref: str
+    agent_version: str | None = None
+    budgets: Budgets  # caps: what the parent had left when it spawned
+    depth: int
+    deadline_ms: int | None = None
+    model: ModelSpec | None = None  # the parent's choice of model for its sub-agents
 
 
 class ModelReply(Strict):
@@ -188,6 +232,8 @@ class ChildResult(Strict):
     status: RunStatus
     answer: str | None = None
     error: str | None = None
+    tokens: int = 0  # used by the child and its subtree
+    steps: int = 0
 
 
 class Cancel(Strict):
@@ -196,8 +242,28 @@ class Cancel(Strict):
     reason: str = "cancelled"
 
 
-Message = Annotated[Start | ModelReply | ModelFailed | ToolResult | ChildResult | Cancel,
-                    Field(discriminator="type")]
+class EffectLost(Strict):
+    """A model or tool call whose executor died (or never received it): dispatch it again
+    according to its side-effect class, or mark it in doubt."""
+
+    type: Literal["effect_lost"] = "effect_lost"
+    id: str
+    effect_id: str
+    attempt: int
+    started: bool  # an executor claimed it: it may have run
+    reason: str = ""
+
+
+class Timer(Strict):
+    """A durable timer fired (set by a `SetTimer` effect)."""
+
+    type: Literal["timer"] = "timer"
+    id: str
+    timer_id: str
+
+
+Message = Annotated[Start | ModelReply | ModelFailed | ToolResult | ChildResult | Cancel | Spawn
+                    | EffectLost | Timer, Field(discriminator="type")]
 
 
 class Envelope(Strict):
@@ -219,13 +285,6 @@ class CallTool(Strict):
     effect_id: str  # the journal's call id
 
 
-class MarkInDoubt(Strict):
-    """An at-most-once call found with an intent and no result: never re-run blindly."""
-
-    type: Literal["in_doubt"] = "in_doubt"
-    effect_id: str
-
-
 class SendMessage(Strict):
     """A message to another run: committed in the outbox, relayed after the commit."""
 
@@ -234,7 +293,16 @@ class SendMessage(Strict):
     message: Message
 
 
-Effect = Annotated[CallModel | CallTool | MarkInDoubt | SendMessage, Field(discriminator="type")]
+class SetTimer(Strict):
+    """Deliver `Timer(timer_id)` to this run at ``at_ms``, durably (it survives every restart)."""
+
+    type: Literal["set_timer"] = "set_timer"
+    timer_id: str
+    at_ms: int
+
+
+Effect = Annotated[CallModel | CallTool | SendMessage | SetTimer,
+                   Field(discriminator="type")]
 
 
 class StepEvent(Strict):

@@ -123,3 +123,21 @@ BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {
             "required": ["steps"], "additionalProperties": False},
     },
 }
+
+
+# The schema of `delegate`, offered to agents that have a sub-agent (see _decide._delegate).
+DELEGATE_SCHEMA: dict[str, Any] = {
+    "name": "delegate",
+    "description": (
+        "Hand sub-tasks to sub-agents that run concurrently, each with its own budget. "
+        "Returns when all of them, any one, or the first K have finished: their answers."),
+    "parameters": {"type": "object", "properties": {
+        "tasks": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                  "description": "one task per sub-agent"},
+        "wait": {"anyOf": [{"enum": ["all", "any"]}, {"type": "integer", "minimum": 1}],
+                 "description": "all (default), any, or how many finished answers to wait for"},
+        "cancel_rest": {"type": "boolean",
+                        "description": "cancel the sub-agents still running once enough "
+                                       "answers are in (default true)"}},
+        "required": ["tasks"], "additionalProperties": False},
+}

@@ -36,3 +36,33 @@ def slow_agent(latency_s: float) -> Agent:
                                  options={"latency_s": latency_s}),
                  tools=[search, read], budgets=Budgets(max_steps=60),
                  ref="undying.actors.research:agent")
+
+
+LEAD_INSTRUCTIONS = (
+    "You are a research lead. Break the question into sub-questions, delegate each to a "
+    "research sub-agent with `delegate`, wait for all of them, and combine their answers."
+)
+
+lead = Agent(
+    "research-lead",
+    version="1",
+    instructions=LEAD_INSTRUCTIONS,
+    model="scripted:research-lead",
+    memory=False,
+    subagent=agent,
+    budgets=Budgets(max_steps=20, max_children=10, max_depth=1),
+    ref="undying.actors.research:lead",
+)
+
+
+def slow_lead(latency_s: float) -> Agent:
+    """The lead and its sub-agents with a simulated model latency (demo, tests, benchmarks)."""
+    from ._state import ModelSpec
+
+    return Agent("research-lead", version="1", instructions=LEAD_INSTRUCTIONS,
+                 model=ModelSpec(provider="scripted", name="research-lead",
+                                 options={"latency_s": latency_s}),
+                 memory=False, subagent=agent, budgets=lead.budgets,
+                 subagent_model=ModelSpec(provider="scripted", name="research",
+                                          options={"latency_s": latency_s}),
+                 ref="undying.actors.research:lead")

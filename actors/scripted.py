@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._corpus import score, sentences, terms
-from ._models import ModelRequest, ModelResponse, estimate_tokens, register_provider
+from ._models import ModelRequest, ModelResponse, RateLimiter, estimate_tokens, register_provider
 from ._state import ChatMessage, ModelSpec, ToolCallRequest
 
 Policy = Callable[[tuple[ChatMessage, ...], list[dict[str, Any]]], ChatMessage]
@@ -52,7 +52,8 @@ class ScriptedModel:
         return ModelResponse(message=reply, tokens_in=tin, tokens_out=tout)
 
 
-def _from_spec(spec: ModelSpec) -> ScriptedModel:
+def _from_spec(spec: ModelSpec, *, limiter: RateLimiter | None = None) -> ScriptedModel:
+    # a script has no provider to protect: the limiter is accepted and ignored
     return ScriptedModel(spec.name if spec.name != "default" else "research",
                          float(spec.options.get("latency_s", 0.0)))
 
@@ -136,4 +137,41 @@ def _answer(question: str, notes: list[dict[str, Any]]) -> ChatMessage:
     lines = [f"Answer to: {question}"]
     lines += [f"- {n['value']} [{n['key']}]" for n in notes]
     lines.append("Sources: " + ", ".join(sorted({n["key"] for n in notes})))
+    return ChatMessage(role="assistant", content="\n".join(lines))
+
+
+# -- the research lead: delegates each sub-question to a research sub-agent ---------------
+
+
+@policy("research-lead")
+def research_lead(messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]]) -> ChatMessage:
+    question = _task(messages)
+    turns = [m for m in messages if m.role == "assistant"]
+    if not turns:
+        plan = sub_questions(question)
+        if "delegate" not in {t["name"] for t in tools}:
+            return ChatMessage(role="assistant", content=f"I cannot delegate: {question}")
+        return ChatMessage(role="assistant", content=f"Delegating: {'; '.join(plan)}",
+                           tool_calls=(ToolCallRequest(id="d0", name="delegate",
+                                                       arguments={"tasks": plan, "wait": "all"}),))
+    asked = [c.arguments.get("tasks", []) for t in turns for c in t.tool_calls
+             if c.name == "delegate"]
+    order = {task: i for i, task in enumerate(asked[-1] if asked else [])}
+    answers: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "tool" and m.name == "delegate":
+            if m.content.startswith("{"):
+                answers.extend(json.loads(m.content).get("results", []))
+            else:
+                return ChatMessage(role="assistant", content=f"Delegation failed: {m.content}")
+    # children finish in any order: report them in the order they were asked
+    answers.sort(key=lambda r: order.get(r.get("task", ""), len(order)))
+    lines = [f"Answer to: {question}"]
+    for r in answers:
+        if r.get("status") == "finished":
+            body = [ln for ln in str(r.get("answer", "")).splitlines() if ln.startswith("- ")]
+            lines.append(f"* {r['task']}:")
+            lines.extend(f"  {ln}" for ln in body or ["- (no finding)"])
+        else:
+            lines.append(f"* {r.get('task')}: sub-agent {r.get('status')}: {r.get('error', '')}")
     return ChatMessage(role="assistant", content="\n".join(lines))

@@ -28,6 +28,10 @@ class Commit:
     events: tuple[bytes, ...] = ()
     outbox: tuple[tuple[str, bytes], ...] = ()  # (message id, encoded envelope)
     seen: tuple[str, ...] = ()  # ids of inbox messages this step consumed
+    # model and tool calls this step dispatches: (effect id, attempt). Recorded with the
+    # checkpoint so that a call lost with its executor (or never received) is noticed.
+    effects: tuple[tuple[str, int], ...] = ()
+    timers: tuple[tuple[str, int], ...] = ()  # (timer id, due ms): durable timers
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,32 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class Activation:
+    """What taking a run's activation lease returned."""
+
+    run_id: str
+    epoch: int
+    status: str
+    clean: bool  # the previous activation ended cleanly (passivated or ended); False: it died
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An executor's claim on one dispatch of a model or tool call."""
+
+    status: str  # "ok": run it; "skip": claimed already, superseded or answered; "gone": run ended
+    current: str = ""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a message sent to a run went."""
+
+    entry_id: str  # inbox entry id ("" when the run had ended and nothing was stored)
+    route: str  # "queued" (the run will be activated), "active" (its host reads it), "ended"
+
+
+@dataclass(frozen=True)
 class InboxEntry:
     entry_id: str
     data: bytes
@@ -105,3 +135,25 @@ class CheckpointStore(Protocol):
     # history
     def read_events(self, run_id: str, after: str = "0-0", count: int = 1000,
                     block_ms: int | None = None) -> list[EventEntry]: ...
+
+
+@runtime_checkable
+class ActivationStore(CheckpointStore, Protocol):
+    """What hosts, executors and the supervisor need beyond checkpoints: who hosts a run,
+    the queue of runs to activate, dispatch records of model and tool calls, timers.
+
+    A run is *active* while a host holds its lease (``ud:{R}:lease``), *queued* while it
+    waits in the ready queue, *passivated* otherwise. A message to a passivated run queues
+    it, atomically with storing the message, so no message is ever left unread.
+    """
+
+    def deliver(self, run_id: str, message: bytes) -> Delivery: ...
+    def take(self, host: str, timeout_s: float) -> str | None: ...
+    def activate(self, run_id: str, host: str, owner: str, ttl_ms: int) -> Activation | None: ...
+    def passivate(self, run_id: str, epoch: int, cursor: str) -> str: ...
+    def requeue(self, run_id: str, *, force: bool = False) -> str: ...
+    def fx_claim(self, run_id: str, effect_id: str, attempt: int, executor: str,
+                 lease_ms: int) -> Claim: ...
+    def fx_complete(self, run_id: str, effect_id: str, attempt: int, executor: str,
+                    message: bytes) -> Delivery: ...
+    def fx_records(self, run_id: str) -> dict[str, str]: ...

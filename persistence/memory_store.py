@@ -9,10 +9,23 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ._errors import Fenced, Quarantined, RunExists, RunNotFound, StepConflict
-from ._store import STATUSES, Commit, CommitResult, EventEntry, InboxEntry, Loaded, RunInfo
+from ._store import (
+    STATUSES,
+    TERMINAL,
+    Activation,
+    Claim,
+    Commit,
+    CommitResult,
+    Delivery,
+    EventEntry,
+    InboxEntry,
+    Loaded,
+    RunInfo,
+)
 
 
 @dataclass
@@ -25,6 +38,8 @@ class _Run:
     outbox: dict[str, bytes] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     ledger: dict[str, int] = field(default_factory=dict)
+    lease: str | None = None  # "ready" or "<epoch>|<owner>"; expiry in MemoryStore._leases
+    fx: dict[str, str] = field(default_factory=dict)
 
 
 def _after(entries: list[tuple[str, bytes]], after: str) -> list[tuple[str, bytes]]:
@@ -45,6 +60,29 @@ class MemoryStore:
         self.counters_: dict[str, int] = {}
         self._leases: dict[str, tuple[str, int]] = {}  # run id -> (owner, expiry ms)
         self._restarts: dict[str, list[float]] = {}
+        self.ready: list[str] = []
+        self._taking: dict[str, list[str]] = {}
+        self.fx_due: dict[str, int] = {}  # "run|effect" -> due ms
+        self._execsets: dict[str, set[str]] = {}
+        self.timers: dict[str, int] = {}  # "run|timer" -> due ms
+        self._hosts: dict[str, tuple[int, str]] = {}
+        self._crashes: dict[str, str] = {}
+        self.dispatch_timeout_ms = 10_000
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters_[name] = self.counters_.get(name, 0) + n
+
+    def _lease_value(self, run_id: str, run: _Run) -> str | None:
+        """The lease as Redis would hold it: an active lease vanishes when its TTL passes."""
+        if run.lease is None or run.lease == "ready":
+            return run.lease
+        _, exp = self._leases.get(run_id, ("", 0))
+        if exp and exp <= time.time() * 1000 and run.lease.count("|") >= 1:
+            run.lease = None
+        return run.lease
+
+    def _set_status(self, run: _Run, status: str) -> None:
+        run.meta["status"] = status
 
     def _new_id(self) -> str:
         return f"{int(time.time() * 1000)}-{next(self._ids)}"
@@ -64,9 +102,13 @@ class MemoryStore:
             run = _Run(meta={"epoch": 0, "step": 0, "status": "pending", "snap_step": 0,
                              "snap_bytes": len(snapshot), "journal_bytes": 0, "journal_len": 0,
                              "agent": agent, "parent": parent, "created": now, "updated": now,
-                             "reason": ""}, snap=snapshot)
+                             "reason": "", "clean": 1}, snap=snapshot)
             if first_message:
                 run.inbox.append((self._new_id(), first_message))
+                run.lease = "ready"
+                self.ready.append(run_id)
+            if parent:
+                self._count("spawns_total")
             self._runs[run_id] = run
 
     def load(self, run_id: str) -> Loaded:
@@ -109,6 +151,17 @@ class MemoryStore:
                 run.events.append((self._new_id(), e))
             run.outbox.update(dict(c.outbox))
             run.seen.update(c.seen)
+            now = int(time.time() * 1000)
+            if c.status in TERMINAL:
+                for eid in run.fx:
+                    self.fx_due.pop(f"{run_id}|{eid}", None)
+                run.fx.clear()
+            else:
+                for eid, attempt in c.effects:
+                    run.fx[eid] = f"{attempt}|q"
+                    self.fx_due[f"{run_id}|{eid}"] = now + self.dispatch_timeout_ms
+            for tid, at in c.timers:
+                self.timers[f"{run_id}|{tid}"] = at
             self.counters_["steps_total"] = self.counters_.get("steps_total", 0) + 1
             self._cond.notify_all()
             return CommitResult(int(m["journal_bytes"]), int(m["snap_bytes"]),
@@ -139,19 +192,36 @@ class MemoryStore:
         with self._lock:
             run = self._get(run_id)
             run.meta.update(status="quarantined", reason=reason[:2000])
+            run.lease = None
+            self._leases.pop(run_id, None)
 
     def delete(self, run_id: str) -> None:
         with self._lock:
-            self._runs.pop(run_id, None)
+            run = self._runs.pop(run_id, None)
             self._leases.pop(run_id, None)
+            for eid in (run.fx if run else {}):
+                self.fx_due.pop(f"{run_id}|{eid}", None)
 
     def send(self, run_id: str, message: bytes) -> str:
+        return self.deliver(run_id, message).entry_id
+
+    def deliver(self, run_id: str, message: bytes) -> Delivery:
         with self._cond:
             run = self._get(run_id)
-            eid = self._new_id()
-            run.inbox.append((eid, message))
+            d = self._deliver(run_id, run, message)
             self._cond.notify_all()
-            return eid
+            return d
+
+    def _deliver(self, run_id: str, run: _Run, message: bytes) -> Delivery:
+        if run.meta["status"] in TERMINAL:
+            return Delivery("", "ended")
+        eid = self._new_id()
+        run.inbox.append((eid, message))
+        if self._lease_value(run_id, run) is not None:
+            return Delivery(eid, "active")
+        run.lease = "ready"
+        self.ready.append(run_id)
+        return Delivery(eid, "queued")
 
     def read_inbox(self, run_id: str, after: str, count: int = 100) -> list[InboxEntry]:
         with self._lock:
@@ -177,25 +247,33 @@ class MemoryStore:
 
     def renew_lease(self, run_id: str, epoch: int, owner: str, ttl_ms: int) -> None:
         with self._lock:
-            cur = int(self._get(run_id).meta["epoch"])
+            run = self._get(run_id)
+            cur = int(run.meta["epoch"])
             if cur != epoch:
                 raise Fenced(run_id, epoch, cur)
-            self._leases[run_id] = (owner, int(time.time() * 1000) + ttl_ms)
+            run.lease = f"{epoch}|{owner}"
+            self._leases[run_id] = (run.lease, int(time.time() * 1000) + ttl_ms)
 
     def release_lease(self, run_id: str, epoch: int, *, done: bool) -> bool:
         with self._lock:
-            if int(self._get(run_id).meta["epoch"]) != epoch:
+            run = self._get(run_id)
+            if int(run.meta["epoch"]) != epoch:
                 return False
+            run.lease = None
             if done:
                 self._leases.pop(run_id, None)
+                run.meta["clean"] = 1
             else:
                 self._leases[run_id] = ("", 0)
             return True
 
     def lease_owner(self, run_id: str) -> str | None:
         with self._lock:
-            owner, exp = self._leases.get(run_id, ("", 0))
-            return owner if owner and exp > time.time() * 1000 else None
+            run = self._runs.get(run_id)
+            if run is None:
+                return None
+            v = self._lease_value(run_id, run)
+            return None if v in (None, "ready") else v
 
     def expired_leases(self, now_ms: int | None = None, count: int = 1000) -> list[tuple[str, int]]:
         now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -210,6 +288,206 @@ class MemoryStore:
     def forget_lease(self, run_id: str) -> None:
         with self._lock:
             self._leases.pop(run_id, None)
+
+    # -- activation ------------------------------------------------------------
+
+    def take(self, host: str, timeout_s: float) -> str | None:
+        with self._cond:
+            if not self.ready and timeout_s > 0:
+                self._cond.wait(timeout_s)
+            if not self.ready:
+                return None
+            run_id = self.ready.pop(0)
+            self._taking.setdefault(host, []).append(run_id)
+            return run_id
+
+    def activate(self, run_id: str, host: str, owner: str, ttl_ms: int) -> Activation | None:
+        with self._lock:
+            taking = self._taking.get(host, [])
+            if run_id in taking:
+                taking.remove(run_id)
+            run = self._get(run_id)
+            if run.meta["reason"]:
+                raise Quarantined(run_id, str(run.meta["reason"]))
+            cur = self._lease_value(run_id, run)
+            if cur is not None and cur != "ready":
+                return None
+            epoch = int(run.meta["epoch"]) + 1
+            run.meta["epoch"] = epoch
+            run.lease = f"{epoch}|{owner}"
+            self._leases[run_id] = (run.lease, int(time.time() * 1000) + ttl_ms)
+            clean = bool(int(run.meta.get("clean", 1)))
+            run.meta["clean"] = 0
+            status = str(run.meta["status"])
+            if status not in TERMINAL:
+                status = "running"
+                self._set_status(run, status)
+            self._count("activations_total")
+            return Activation(run_id, epoch, status, clean)
+
+    def passivate(self, run_id: str, epoch: int, cursor: str) -> str:
+        with self._lock:
+            run = self._get(run_id)
+            if int(run.meta["epoch"]) != epoch:
+                raise Fenced(run_id, epoch, int(run.meta["epoch"]))
+            if run.outbox:
+                return "outbox"
+            status = str(run.meta["status"])
+            if status not in TERMINAL and _after(run.inbox, cursor):
+                return "more"
+            run.lease = None
+            self._leases.pop(run_id, None)
+            run.meta["clean"] = 1
+            if status not in TERMINAL:
+                self._set_status(run, "waiting")
+            self._count("passivations_total")
+            return "ok"
+
+    def requeue(self, run_id: str, *, force: bool = False) -> str:
+        with self._cond:
+            run = self._get(run_id)
+            cur = self._lease_value(run_id, run)
+            if cur is not None and cur != "ready" and not force:
+                return "busy"
+            run.lease = "ready"
+            self._leases.pop(run_id, None)
+            self.ready.append(run_id)
+            self._cond.notify_all()
+            return "ok"
+
+    def is_queued(self, run_id: str) -> bool:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return run is not None and run.lease == "ready"
+
+    def note_crash(self, run_id: str, reason: str) -> None:
+        with self._lock:
+            self._crashes[run_id] = reason[:500]
+
+    def last_crash(self, run_id: str) -> str:
+        with self._lock:
+            return self._crashes.get(run_id, "")
+
+    def ready_len(self) -> int:
+        return len(self.ready)
+
+    def host_heartbeat(self, host: str, record: str) -> None:
+        with self._lock:
+            self._hosts[host] = (int(time.time() * 1000), record)
+
+    def hosts(self) -> dict[str, tuple[int, str]]:
+        with self._lock:
+            return dict(self._hosts)
+
+    def forget_host(self, host: str) -> int:
+        with self._cond:
+            taken = self._taking.pop(host, [])
+            self.ready.extend(taken)
+            self._hosts.pop(host, None)
+            self._cond.notify_all()
+            return len(taken)
+
+    # -- dispatch records -----------------------------------------------------------
+
+    def fx_claim(self, run_id: str, effect_id: str, attempt: int, executor: str,
+                 lease_ms: int, incarnation: str = "") -> Claim:
+        with self._lock:
+            run = self._runs.get(run_id)
+            member = f"{run_id}|{effect_id}"
+            if run is None or run.meta["status"] in TERMINAL:
+                if run is not None:
+                    run.fx.pop(effect_id, None)
+                self.fx_due.pop(member, None)
+                return Claim("gone")
+            cur = run.fx.get(effect_id)
+            if cur != f"{attempt}|q":
+                return Claim("skip", cur or "")
+            run.fx[effect_id] = f"{attempt}|c|{executor}#{incarnation}"
+            self.fx_due[member] = int(time.time() * 1000) + lease_ms
+            self._execsets.setdefault(executor, set()).add(
+                f"{run_id}|{effect_id}|{attempt}|{incarnation}")
+            return Claim("ok")
+
+    def fx_start(self, run_id: str, effect_id: str, attempt: int) -> bool:
+        with self._lock:
+            run = self._get(run_id)
+            cur = run.fx.get(effect_id, "")
+            if not cur.startswith(f"{attempt}|c|"):
+                return False
+            run.fx[effect_id] = f"{attempt}|s|{cur[len(str(attempt)) + 3:]}"
+            return True
+
+    def fx_complete(self, run_id: str, effect_id: str, attempt: int, executor: str,
+                    message: bytes, incarnation: str = "") -> Delivery:
+        with self._cond:
+            self._execsets.get(executor, set()).discard(
+                f"{run_id}|{effect_id}|{attempt}|{incarnation}")
+            run = self._get(run_id)
+            cur = run.fx.get(effect_id)
+            if cur is not None and cur.startswith(f"{attempt}|"):
+                del run.fx[effect_id]
+                self.fx_due.pop(f"{run_id}|{effect_id}", None)
+            d = self._deliver(run_id, run, message)
+            self._cond.notify_all()
+            return d
+
+    def fx_heartbeat(self, members: Iterable[str], lease_ms: int) -> int:
+        with self._lock:
+            until = int(time.time() * 1000) + lease_ms
+            n = 0
+            for m in members:
+                if m in self.fx_due:
+                    self.fx_due[m] = until
+                    n += 1
+            return n
+
+    def fx_records(self, run_id: str) -> dict[str, str]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return dict(run.fx) if run else {}
+
+    def fx_overdue(self, now_ms: int | None = None, count: int = 500) -> list[tuple[str, str, str]]:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            rows = sorted((due, m) for m, due in self.fx_due.items() if due <= now)[:count]
+            out = []
+            for _, m in rows:
+                run_id, _, eid = m.rpartition("|")
+                run = self._runs.get(run_id)
+                out.append((run_id, eid, (run.fx.get(eid) if run else None) or ""))
+            return out
+
+    def fx_postpone(self, run_id: str, effect_id: str, until_ms: int) -> None:
+        with self._lock:
+            self.fx_due[f"{run_id}|{effect_id}"] = until_ms
+
+    def fx_forget(self, run_id: str, effect_id: str) -> None:
+        with self._lock:
+            self.fx_due.pop(f"{run_id}|{effect_id}", None)
+
+    def executor_claims(self, executor: str) -> list[tuple[str, str, int, str]]:
+        with self._lock:
+            out = []
+            for m in self._execsets.get(executor, set()):
+                run_id, eid, attempt, inc = m.rsplit("|", 3)
+                out.append((run_id, eid, int(attempt), inc))
+            return out
+
+    def executor_forget(self, executor: str, claims: Iterable[tuple[str, str, int, str]]) -> None:
+        with self._lock:
+            s = self._execsets.get(executor, set())
+            for r, e, a, i in claims:
+                s.discard(f"{r}|{e}|{a}|{i}")
+
+    def timers_due(self, now_ms: int | None = None, count: int = 500) -> list[tuple[str, str]]:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            rows = sorted((at, m) for m, at in self.timers.items() if at <= now)[:count]
+        return [(r, t) for r, _, t in (m.rpartition("|") for _, m in rows)]
+
+    def timer_done(self, run_id: str, timer_id: str) -> None:
+        with self._lock:
+            self.timers.pop(f"{run_id}|{timer_id}", None)
 
     def record_restart(self, run_id: str, at: float, event: bytes = b"") -> None:
         with self._lock:

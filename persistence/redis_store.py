@@ -15,6 +15,11 @@ they would need to move out of the commit (see docs/DESIGN-NOTES.md).
   ud:{R}:inbox    stream of messages to the run (durable inbox)
   ud:{R}:outbox   hash message id -> envelope, committed but not yet relayed
   ud:{R}:seen     set of inbox message ids already applied (dedup)
+  ud:{R}:lease    who hosts the run: "ready" (queued) or "<epoch>|<host>|<node>|<pid>"
+  ud:{R}:fx       hash effect id -> "<attempt>|q" (dispatched) or "<attempt>|c|<executor>"
+
+Activation, the ready queue, dispatch records and timers are in
+`_redis_activation.RedisActivation`; the scripts in `_lua`; key names in `_keys`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import _lua as lua
 from ._errors import (
     Fenced,
     Quarantined,
@@ -36,10 +42,13 @@ from ._errors import (
     StepConflict,
     StoreUnavailable,
 )
+from ._keys import COUNTERS, FX_DUE, INDEX, LEASES, READY, TIMERS, _k, _s, _state_key
+from ._redis_activation import RedisActivation, delivery
 from ._store import (
     STATUSES,
     Commit,
     CommitResult,
+    Delivery,
     EventEntry,
     InboxEntry,
     Loaded,
@@ -48,153 +57,11 @@ from ._store import (
 
 T = TypeVar("T")
 
-INDEX = "ud:index"
-COUNTERS = "ud:counters"
-
-
-def _k(run_id: str, part: str) -> str:
-    return f"ud:{{{run_id}}}:{part}"
-
-
-def _state_key(status: str) -> str:
-    return f"ud:state:{status}"
-
-
-# KEYS: meta snap journal events outbox seen index counters
-# ARGV: epoch step status now run_id delta snapshot n_events n_outbox n_seen nonce
-#       events... (outbox id, envelope)... seen...
-_COMMIT = """
-local meta = KEYS[1]
-local cur = tonumber(redis.call('HGET', meta, 'epoch') or '-1')
-if cur == -1 then return {'NOTFOUND', 0} end
-if cur ~= tonumber(ARGV[1]) then return {'FENCED', cur} end
-local reason = redis.call('HGET', meta, 'reason')
-if reason and reason ~= '' then return {'QUARANTINED', reason} end
-local stored = tonumber(redis.call('HGET', meta, 'step') or '0')
-local step = tonumber(ARGV[2])
-if step ~= stored + 1 then return {'STEP', stored, redis.call('HGET', meta, 'nonce') or ''} end
-local delta, snapshot = ARGV[6], ARGV[7]
-local nbytes = 0
-if snapshot ~= '' then
-  redis.call('SET', KEYS[2], snapshot)
-  redis.call('DEL', KEYS[3])
-  redis.call('HSET', meta, 'snap_step', step, 'snap_bytes', #snapshot,
-             'journal_bytes', 0, 'journal_len', 0)
-  nbytes = #snapshot
-  redis.call('HINCRBY', KEYS[8], 'snapshots_total', 1)
-elseif delta ~= '' then
-  redis.call('RPUSH', KEYS[3], delta)
-  redis.call('HINCRBY', meta, 'journal_bytes', #delta)
-  redis.call('HINCRBY', meta, 'journal_len', 1)
-  nbytes = #delta
-end
-local old = redis.call('HGET', meta, 'status')
-local status = ARGV[3]
-redis.call('HSET', meta, 'step', step, 'status', status, 'updated', ARGV[4], 'nonce', ARGV[11])
-if old ~= status then
-  redis.call('SREM', 'ud:state:' .. old, ARGV[5])
-  redis.call('SADD', 'ud:state:' .. status, ARGV[5])
-  redis.call('HSET', KEYS[7], ARGV[5], status)
-end
-local ne, no, ns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local i = 12
-for _ = 1, ne do
-  redis.call('XADD', KEYS[4], '*', 'e', ARGV[i]); i = i + 1
-end
-for _ = 1, no do
-  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]); i = i + 2
-end
-for _ = 1, ns do
-  redis.call('SADD', KEYS[6], ARGV[i]); i = i + 1
-end
-redis.call('HINCRBY', KEYS[8], 'steps_total', 1)
-redis.call('HINCRBY', KEYS[8], 'commit_bytes_total', nbytes)
-return {'OK', tonumber(redis.call('HGET', meta, 'journal_bytes')),
-        tonumber(redis.call('HGET', meta, 'snap_bytes')),
-        tonumber(redis.call('HGET', meta, 'journal_len'))}
-"""
-
-# KEYS: meta snap inbox index  ARGV: run_id agent parent now snapshot first_message
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'EXISTS' end
-redis.call('HSET', KEYS[1], 'epoch', 0, 'step', 0, 'status', 'pending', 'snap_step', 0,
-           'snap_bytes', #ARGV[5], 'journal_bytes', 0, 'journal_len', 0, 'agent', ARGV[2],
-           'parent', ARGV[3], 'created', ARGV[4], 'updated', ARGV[4], 'reason', '')
-redis.call('SET', KEYS[2], ARGV[5])
-if ARGV[6] ~= '' then redis.call('XADD', KEYS[3], '*', 'm', ARGV[6]) end
-redis.call('HSET', KEYS[4], ARGV[1], 'pending')
-redis.call('SADD', 'ud:state:pending', ARGV[1])
-return 'OK'
-"""
-
-# KEYS: meta
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOTFOUND', ''} end
-local reason = redis.call('HGET', KEYS[1], 'reason')
-if reason and reason ~= '' then return {'QUARANTINED', reason} end
-return {'OK', redis.call('HINCRBY', KEYS[1], 'epoch', 1)}
-"""
-
-# KEYS: meta inbox  ARGV: message
-_SEND = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOTFOUND', ''} end
-return {'OK', redis.call('XADD', KEYS[2], '*', 'm', ARGV[1])}
-"""
-
-# KEYS: meta index  ARGV: run_id reason now
-_QUARANTINE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'NOTFOUND' end
-local old = redis.call('HGET', KEYS[1], 'status')
-redis.call('HSET', KEYS[1], 'status', 'quarantined', 'reason', ARGV[2], 'updated', ARGV[3])
-redis.call('SREM', 'ud:state:' .. old, ARGV[1])
-redis.call('SADD', 'ud:state:quarantined', ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], 'quarantined')
-return 'OK'
-"""
-
-# KEYS: meta lease leases  ARGV: run_id epoch owner ttl_ms now_ms
-# A lease is renewed only by the current epoch: a zombie learns here that it is
-# superseded even when it has nothing to commit.
-_RENEW = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
-if cur == -1 then return {'NOTFOUND', 0} end
-if cur ~= tonumber(ARGV[2]) then return {'FENCED', cur} end
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + tonumber(ARGV[4]), ARGV[1])
-return {'OK', cur}
-"""
-
-# KEYS: meta lease leases  ARGV: run_id epoch done
-# done=1: the run ended here, nobody needs to watch it; done=0: expire now, so the
-# supervisor restarts the run at once instead of waiting out the lease.
-_RELEASE = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
-if cur ~= tonumber(ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[2])
-if ARGV[3] == '1' then redis.call('ZREM', KEYS[3], ARGV[1])
-else redis.call('ZADD', KEYS[3], 0, ARGV[1]) end
-return 1
-"""
-
-LEASES = "ud:leases"
-
-# KEYS: ledger nonces  ARGV: field nonce
-_LEDGER = """
-if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
-  return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-end
-return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-"""
-
 _RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger",
-              "ledger_nonces", "lease", "restarts")
+              "ledger_nonces", "lease", "restarts", "fx", "crash")
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-class RedisStore:
+class RedisStore(RedisActivation):
     """`CheckpointStore` on one Redis server (standalone, replica or Sentinel primary).
 
     Connection errors are retried with back-off for up to ``unavailable_s``
@@ -204,8 +71,11 @@ class RedisStore:
     """
 
     def __init__(self, url: str, *, unavailable_s: float = 60.0,
-                 on_write: Callable[[str], None] | None = None) -> None:
+                 on_write: Callable[[str], None] | None = None,
+                 dispatch_timeout_ms: int = 10_000) -> None:
         self.url = url
+        # a dispatched call no executor claimed within this is reported lost
+        self.dispatch_timeout_ms = dispatch_timeout_ms
         self.unavailable_s = unavailable_s
         self.on_write = on_write
         # Any: redis-py's overloads type every reply as bytes | str | Awaitable
@@ -217,14 +87,23 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        self._commit = self.r.register_script(_COMMIT)
-        self._create = self.r.register_script(_CREATE)
-        self._claim = self.r.register_script(_CLAIM)
-        self._send = self.r.register_script(_SEND)
-        self._quarantine = self.r.register_script(_QUARANTINE)
-        self._renew = self.r.register_script(_RENEW)
-        self._ledger = self.r.register_script(_LEDGER)
-        self._release = self.r.register_script(_RELEASE)
+        self._commit = self.r.register_script(lua.COMMIT)
+        self._create = self.r.register_script(lua.CREATE)
+        self._claim = self.r.register_script(lua.CLAIM)
+        self._deliver = self.r.register_script(lua.DELIVER)
+        self._quarantine = self.r.register_script(lua.QUARANTINE)
+        self._renew = self.r.register_script(lua.RENEW)
+        self._ledger = self.r.register_script(lua.LEDGER)
+        self._release = self.r.register_script(lua.RELEASE)
+        self._activate = self.r.register_script(lua.ACTIVATE)
+        self._passivate = self.r.register_script(lua.PASSIVATE)
+        self._requeue = self.r.register_script(lua.REQUEUE)
+        self._fx_claim = self.r.register_script(lua.FX_CLAIM)
+        self._fx_complete = self.r.register_script(lua.FX_COMPLETE)
+        self._fx_heartbeat = self.r.register_script(lua.FX_HEARTBEAT)
+        self._fx_start = self.r.register_script(lua.FX_START)
+        # BLMOVE blocks its connection: the ready queue gets a client of its own
+        self._blocking: Any = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -268,7 +147,8 @@ class RedisStore:
                first_message: bytes = b"") -> None:
         now = str(int(time.time() * 1000))
         res = self._retry(lambda: self._create(
-            keys=[_k(run_id, "meta"), _k(run_id, "snap"), _k(run_id, "inbox"), INDEX],
+            keys=[_k(run_id, "meta"), _k(run_id, "snap"), _k(run_id, "inbox"), INDEX,
+                  _k(run_id, "lease"), READY],
             args=[run_id, agent, parent, now, snapshot, first_message]))
         if _s(res) == "EXISTS":
             raise RunExists(run_id)
@@ -312,13 +192,17 @@ class RedisStore:
         nonce = uuid.uuid4().hex
         args: list[Any] = [c.epoch, c.step, c.status, str(int(time.time() * 1000)), run_id,
                            c.delta, c.snapshot, len(c.events), len(c.outbox), len(c.seen),
-                           nonce]
+                           nonce, len(c.effects), len(c.timers), self.dispatch_timeout_ms]
         args.extend(c.events)
         for mid, env in c.outbox:
             args.extend((mid, env))
         args.extend(c.seen)
+        for eid, attempt in c.effects:
+            args.extend((eid, attempt))
+        for tid, at in c.timers:
+            args.extend((tid, at))
         keys = [_k(run_id, p) for p in ("meta", "snap", "journal", "events", "outbox", "seen")]
-        keys += [INDEX, COUNTERS]
+        keys += [INDEX, COUNTERS, _k(run_id, "fx"), FX_DUE, TIMERS]
         res = self._retry(lambda: self._commit(keys=keys, args=args))
         tag = _s(res[0])
         if tag == "OK":
@@ -378,7 +262,8 @@ class RedisStore:
     def quarantine(self, run_id: str, reason: str) -> None:
         now = str(int(time.time() * 1000))
         res = self._retry(lambda: self._quarantine(
-            keys=[_k(run_id, "meta"), INDEX], args=[run_id, reason[:2000], now]))
+            keys=[_k(run_id, "meta"), INDEX, _k(run_id, "lease"), LEASES],
+            args=[run_id, reason[:2000], now]))
         if _s(res) == "NOTFOUND":
             raise RunNotFound(run_id)
         self._wrote("quarantine")
@@ -386,7 +271,10 @@ class RedisStore:
     def delete(self, run_id: str) -> None:
         def do() -> None:
             status = self.r.hget(_k(run_id, "meta"), "status")
+            fx = self.r.hkeys(_k(run_id, "fx"))
             p = self.r.pipeline(transaction=True)
+            if fx:
+                p.zrem(FX_DUE, *(f"{run_id}|{_s(e)}" for e in fx))
             p.delete(*(_k(run_id, part) for part in _RUN_PARTS))
             p.hdel(INDEX, run_id)
             p.zrem(LEASES, run_id)
@@ -400,11 +288,14 @@ class RedisStore:
     # -- messages -----------------------------------------------------------
 
     def send(self, run_id: str, message: bytes) -> str:
-        res = self._retry(lambda: self._send(
-            keys=[_k(run_id, "meta"), _k(run_id, "inbox")], args=[message]))
-        if _s(res[0]) == "NOTFOUND":
-            raise RunNotFound(run_id)
-        return _s(res[1])
+        """Store a message in the run's inbox (and queue the run if it is passivated)."""
+        return self.deliver(run_id, message).entry_id
+
+    def deliver(self, run_id: str, message: bytes) -> Delivery:
+        res = self._retry(lambda: self._deliver(
+            keys=[_k(run_id, "meta"), _k(run_id, "inbox"), _k(run_id, "lease"), READY],
+            args=[run_id, message]))
+        return delivery(run_id, res)
 
     def read_inbox(self, run_id: str, after: str, count: int = 100) -> list[InboxEntry]:
         rows = self._retry(lambda: self.r.xrange(_k(run_id, "inbox"), f"({after}", "+", count))
@@ -425,62 +316,6 @@ class RedisStore:
         if not res:
             return []
         return [EventEntry(_s(eid), f[b"e"]) for eid, f in res[0][1]]
-
-    # -- leases ---------------------------------------------------------------
-
-    def renew_lease(self, run_id: str, epoch: int, owner: str, ttl_ms: int) -> None:
-        """Hold or extend the run's lease for this epoch; `Fenced` if superseded."""
-        now = int(time.time() * 1000)
-        res = self._retry(lambda: self._renew(
-            keys=[_k(run_id, "meta"), _k(run_id, "lease"), LEASES],
-            args=[run_id, epoch, owner, ttl_ms, now]))
-        tag = _s(res[0])
-        if tag == "FENCED":
-            raise Fenced(run_id, epoch, int(res[1]))
-        if tag == "NOTFOUND":
-            raise RunNotFound(run_id)
-
-    def release_lease(self, run_id: str, epoch: int, *, done: bool) -> bool:
-        res = self._retry(lambda: self._release(
-            keys=[_k(run_id, "meta"), _k(run_id, "lease"), LEASES],
-            args=[run_id, epoch, "1" if done else "0"]))
-        return bool(res)
-
-    def lease_owner(self, run_id: str) -> str | None:
-        v = self._retry(lambda: self.r.get(_k(run_id, "lease")))
-        return None if v is None else _s(v)
-
-    def expired_leases(self, now_ms: int | None = None, count: int = 1000) -> list[tuple[str, int]]:
-        """Runs whose lease expired by ``now_ms``: (run id, expiry ms)."""
-        now = int(time.time() * 1000) if now_ms is None else now_ms
-        rows = self._retry(lambda: self.r.zrangebyscore(LEASES, 0, now, start=0, num=count,
-                                                        withscores=True))
-        return [(_s(m), int(sc)) for m, sc in rows]
-
-    def leases(self) -> dict[str, int]:
-        rows = self._retry(lambda: self.r.zrange(LEASES, 0, -1, withscores=True))
-        return {_s(m): int(sc) for m, sc in rows}
-
-    def forget_lease(self, run_id: str) -> None:
-        self._retry(lambda: self.r.zrem(LEASES, run_id))
-
-    # -- supervision records (restart times survive the supervisor) -------------
-
-    def record_restart(self, run_id: str, at: float, event: bytes = b"") -> None:
-        """Remember a restart (for the crash-loop window) and put it in the run's history."""
-        def do() -> None:
-            p = self.r.pipeline(transaction=True)
-            p.rpush(_k(run_id, "restarts"), repr(at))
-            p.ltrim(_k(run_id, "restarts"), -100, -1)
-            if event:
-                p.xadd(_k(run_id, "events"), {"e": event})
-            p.hincrby(COUNTERS, "restarts_total", 1)
-            p.execute()
-
-        self._retry(do)
-
-    def restarts(self, run_id: str) -> list[float]:
-        return [float(_s(x)) for x in self._retry(lambda: self.r.lrange(_k(run_id, "restarts"), 0, -1))]
 
     # -- the tool ledger (counts real executions; not part of a checkpoint) ---
 

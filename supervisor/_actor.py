@@ -1,17 +1,21 @@
 """The supervisor actor: the thin adapter that carries out `_policy.handle`.
 
-One named, detached actor (``undying-supervisor``), restarted by Ray when it
-dies. It holds nothing it cannot rebuild: on (re)start it reads the run index,
-the leases and the recorded restart times from Redis, feeds them to the policy
-as `Adopt` events, and re-attaches a death watcher to every live run actor.
+One named, detached actor (``undying-supervisor``) on the head node, restarted
+by Ray when it dies. It holds nothing it cannot rebuild from Redis.
 
-Signals it turns into events: a run actor's pending ``wait()`` failing
-(ActorDiedError: the process or node died) or returning ``crashed``; a lease
-that expired in Redis (a hung or partitioned actor, or a node Ray has not yet
-declared dead: Ray's default health checks take ~15 s, a lease 3 s); a node
-that Ray reports dead. Commands it carries out: claim a new epoch and start a
-`RunActor` for the run on a live node other than the one that failed; end a
-crash-looping run as ``failed``; arm timers for back-off.
+What it watches, and what it does:
+- the pool (`undying.actors.pool`): keeps a host pool and an executor on
+  every live node; a pending ``wait()`` call on each tells it of a death at once;
+- activations that died: a run whose lease expired (a dead, hung or
+  partitioned host, or a node Ray has not yet declared dead: Ray's default
+  health checks take ~15 s, a lease 3 s), whose host Ray reported dead, or
+  whose host stopped renewing its registration. The policy decides: queue the
+  run again now (a host activates it under a new epoch, which fences the old
+  one), later (back-off), or end it ``failed`` (crash-loop guard);
+- calls that were lost: a dispatch no executor claimed in time, or whose claim
+  was not renewed, or that a dead executor held, gets `EffectLost` in its
+  run's inbox; the run's `decide` chooses by side-effect class;
+- durable timers that are due: a `Timer` message to their run.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import random
 import time
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from undying.actors import StepEvent
-from undying.actors._engine import end_run
-from undying.actors.ray_actor import LEASE_TTL_S, actor_name, new_run_actor
+from undying.actors._engine import encode_message, end_run
+from undying.actors._executor import rec_started, report_lost
+from undying.actors._state import Timer
+from undying.actors.pool import EXECUTOR, HOST, alive_nodes, ensure_pool, executor_name
 from undying.persistence import TERMINAL, Quarantined, RedisStore, RunNotFound, encode
 
 from ._policy import (
@@ -36,15 +40,14 @@ from ._policy import (
     Adopt,
     Command,
     Event,
+    Forget,
     LeaseExpired,
     MarkFailed,
-    NodeLost,
     Policy,
     Restart,
     RestartFailed,
     RestartSucceeded,
     RunFinished,
-    RunStarted,
     ScheduleTick,
     SupervisorView,
     Tick,
@@ -52,7 +55,9 @@ from ._policy import (
 )
 
 SUPERVISOR_NAME = "undying-supervisor"
-ACTIVE = ("pending", "running", "waiting")
+HOST_STALE_S = 3.0  # hosts renew their registration every 0.5 s
+LOST_RECHECK_S = 30.0  # a call reported lost is reported again if nothing happened by then
+FORGET_AFTER_S = 10.0  # a restarted run leaves the view (its restart times stay in Redis)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -63,68 +68,48 @@ class SupervisorActor:
         self.namespace = namespace
         self.options = dict(options or {})
         self.scan_s = float(self.options.pop("scan_interval_s", 0.2))
-        self.start_timeout_s = float(self.options.pop("start_timeout_s", 20.0))
         self.store = RedisStore(redis_url)
         self.view = SupervisorView(policy=Policy(**(policy or {})))
-        self.node_of: dict[str, str] = {}  # run -> node of its last incarnation
         self.watchers: dict[str, asyncio.Task[None]] = {}
         self.events: asyncio.Queue[Event] | None = None
         self.alive_nodes: set[str] = set()
-        self.suspect: dict[str, float] = {}  # node -> until when it is avoided
-        self.stats: dict[str, Any] = {"restarts": 0, "failed": 0, "adopted": 0,
-                                      "lease_expiries": 0, "nodes_lost": 0, "boots": 1}
-        self.booted = False
+        self.stats: dict[str, Any] = {"restarts": 0, "failed": 0, "lease_expiries": 0,
+                                      "host_deaths": 0, "executor_deaths": 0, "nodes_lost": 0,
+                                      "lost_calls": 0, "timers": 0, "boots": 1}
         self._boot: asyncio.Task[None] | None = None
-        self.log: collections.deque[str] = collections.deque(maxlen=200)  # recent events, for `info`
+        self.log: collections.deque[str] = collections.deque(maxlen=300)  # recent events, for `info`
         # Ray restarts this actor with no caller; it boots itself.
         ray.get_runtime_context().current_actor.boot.remote()
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def boot(self) -> dict[str, Any]:
-        """Rebuild the view and start supervising; every caller waits for the same boot."""
+        """Start supervising (and make the pool); every caller waits for the same boot."""
         if self._boot is None:
             self._boot = asyncio.get_running_loop().create_task(self._do_boot())
         try:
             await asyncio.shield(self._boot)
         except Exception:
             self._boot = None  # let the next call try again (Redis may be back)
-            self.booted = False
             raise
         return self.summary()
 
     async def _do_boot(self) -> None:
-        self.booted = True
         self.events = asyncio.Queue()
-        loop = self.loop = asyncio.get_running_loop()
-        self.alive_nodes = await asyncio.to_thread(_alive_nodes)
-        for adopt in await asyncio.to_thread(self._read_active_runs):
-            self._emit(adopt)
-            self.stats["adopted"] += 1
-            await asyncio.to_thread(self._attach, adopt.run_id, adopt.epoch or 0)
-        self._bg = [loop.create_task(self._event_loop()), loop.create_task(self._scan_loop())]
+        self.loop = asyncio.get_running_loop()
+        await self.ensure_pool()
+        self._bg = [self.loop.create_task(self._event_loop()),
+                    self.loop.create_task(self._scan_loop())]
 
-    def _read_active_runs(self) -> list[Adopt]:
-        """The whole view, from Redis: nothing is lost when the supervisor dies."""
-        leases = self.store.leases()
-        out = []
-        for status in ACTIVE:
-            for info in self.store.list_runs(status):
-                owner = self.store.lease_owner(info.run_id) or ""
-                node = owner.split("|")[1] if owner.count("|") >= 2 else ""
-                self.node_of[info.run_id] = node
-                expires = leases.get(info.run_id, 0) / 1000
-                out.append(Adopt(info.run_id, node, expires, info.epoch,
-                                 tuple(self.store.restarts(info.run_id))))
-        return out
-
-    def _attach(self, run_id: str, epoch: int) -> None:
-        """(In a thread.) Watch the live actor of the run's current epoch, if any."""
-        try:
-            actor = ray.get_actor(actor_name(run_id, epoch), namespace=self.namespace)
-        except ValueError:
-            return  # no live actor: its lease will expire (or has) and the policy restarts it
-        self.loop.call_soon_threadsafe(self._watch, run_id, epoch, actor)
+    async def ensure_pool(self) -> int:
+        """Create what is missing of the pool on every live node, and watch it."""
+        self.alive_nodes = set(await asyncio.to_thread(alive_nodes))
+        actors = await asyncio.to_thread(ensure_pool, self.redis_url, self.namespace,
+                                         self.options, sorted(self.alive_nodes))
+        for name, h in actors.items():
+            if name not in self.watchers or self.watchers[name].done():
+                self.watchers[name] = self.loop.create_task(self._watch(name, h))
+        return len(actors)
 
     async def ping(self) -> bool:
         return True
@@ -134,7 +119,8 @@ class SupervisorActor:
         for r in self.view.runs.values():
             states[r.state] = states.get(r.state, 0) + 1
         return {**self.stats, "runs": len(self.view.runs), "states": states,
-                "nodes": sorted(self.alive_nodes), "pid": os.getpid()}
+                "nodes": sorted(self.alive_nodes), "pid": os.getpid(),
+                "pool": sorted(n for n, t in self.watchers.items() if not t.done())}
 
     async def info(self, log: bool = False) -> dict[str, Any]:
         out = self.summary()
@@ -142,93 +128,71 @@ class SupervisorActor:
             out["log"] = list(self.log)
         return out
 
-    # -- launching ------------------------------------------------------------------
+    # -- the pool -----------------------------------------------------------------
 
-    async def launch(self, run_id: str) -> dict[str, Any]:
-        """Start a run's first incarnation (or resume one that has no live actor)."""
-        await self.boot()
-        known = self.view.runs.get(run_id)
-        if known is not None and known.state != "running":
-            return {"run_id": run_id, "status": known.state}
-        if known is not None and run_id in self.watchers and not self.watchers[run_id].done():
-            return {"run_id": run_id, "status": "running"}
-        try:
-            info = await self._start_actor(run_id, frozenset())
-        except Exception:
-            # hand the run to the restart path (back-off, crash-loop guard) instead of
-            # leaving it pending with no actor and no lease
-            self._emit(Adopt(run_id, "", 0.0, None, ()))
-            raise
-        if info.get("status") in TERMINAL:
-            self._emit(RunFinished(run_id, info["status"]))
-        elif info.get("status") not in ("crashed", "fenced"):
-            self._emit(RunStarted(run_id, info["node_id"], info["epoch"]))
-        return info
-
-    async def _start_actor(self, run_id: str, avoid: frozenset[str]) -> dict[str, Any]:
-        node = await asyncio.to_thread(self._pick_node, run_id, avoid)
-        epoch = await asyncio.to_thread(self.store.claim_epoch, run_id)
-        opts = {"lease_ttl_s": LEASE_TTL_S, **self.options}
-        actor = new_run_actor(run_id, self.redis_url, epoch, self.namespace, opts,
-                              NodeAffinitySchedulingStrategy(node, soft=False))
-        try:
-            info: dict[str, Any] = await asyncio.wait_for(_await(actor.start.remote()),
-                                                          self.start_timeout_s)
-        except BaseException:
-            ray.kill(actor, no_restart=True)
-            raise
-        if info.get("status") in ("crashed", "fenced"):
-            raise RuntimeError(info.get("error", "activation failed"))
-        self.node_of[run_id] = node
-        info.setdefault("node_id", node)
-        self._watch(run_id, epoch, actor)
-        return info
-
-    def _pick_node(self, run_id: str, avoid: frozenset[str]) -> str:
-        alive = _alive_nodes()
-        # not the node that just failed, nor one whose runs lost their leases lately (Ray
-        # lists a dead node as alive for ~15 s), when there is another one
-        now = time.time()
-        suspects = {n for n, until in self.suspect.items() if until > now}
-        excluded = set(avoid) | {self.node_of.get(run_id, "")} | suspects
-        candidates = sorted(alive - excluded) or sorted(alive - set(avoid)) or sorted(alive)
-        if not candidates:
-            raise RuntimeError("no live Ray node to place the run on")
-        load = {n: 0 for n in candidates}
-        for rid, n in self.node_of.items():
-            if n in load and rid in self.view.runs:
-                load[n] += 1
-        least = min(load.values())
-        return random.choice([n for n in candidates if load[n] == least])
-
-    def _watch(self, run_id: str, epoch: int, actor: Any) -> None:
-        old = self.watchers.get(run_id)
-        if old is not None and not old.done():
-            old.cancel()
-        self.watchers[run_id] = asyncio.get_running_loop().create_task(
-            self._watch_ref(run_id, epoch, actor))
-
-    async def _watch_ref(self, run_id: str, epoch: int, actor: Any) -> None:
+    async def _watch(self, name: str, actor: Any) -> None:
+        last: dict[str, Any] = {}
         while True:
             try:
-                out = await actor.wait.remote()
-                break
+                last = await actor.info.remote()
+                await actor.wait.remote()
             except ray.exceptions.ActorUnavailableError:
-                # "maybe dead" (RAY-NOTES): the actor may come back and still be running
-                # its tools. Restarting now would run a second copy beside it; the lease
-                # decides instead, and this watch goes on.
+                # its process died and Ray is restarting it: what it held is gone
+                await self._pool_actor_died(name, last, "its process died")
+                last = {}
                 await asyncio.sleep(0.5)
+                continue
             except ray.exceptions.RayActorError as exc:
-                self._emit(ActorDied(run_id, _short(exc), epoch))
+                await self._pool_actor_died(name, last, _short(exc))
+                self.loop.call_later(1.0, lambda: self.loop.create_task(self._quiet_pool()))
                 return
-        status = out.get("status")
-        if status in TERMINAL:
-            self._emit(RunFinished(run_id, status))
-        elif status == "crashed":
-            self._emit(ActorDied(run_id, out.get("error", "crashed"), epoch))
-        # "fenced": a newer incarnation owns the run; nothing to do
+            except Exception:
+                await asyncio.sleep(0.5)  # a transient error talking to it: watch again
 
-    # -- the loop --------------------------------------------------------------------
+    async def _quiet_pool(self) -> None:
+        try:
+            await self.ensure_pool()
+        except Exception as exc:
+            self.log.append(f"{time.time():.3f} ensure_pool -> {exc!r}")
+
+    async def _pool_actor_died(self, name: str, last: dict[str, Any], why: str) -> None:
+        if name.startswith(HOST + ":"):
+            self.stats["host_deaths"] += 1
+            hid = last.get("host")
+            if hid:
+                await self._host_gone(hid, f"host {name} died: {why}")
+        elif name.startswith(EXECUTOR + ":"):
+            self.stats["executor_deaths"] += 1
+            inc = last.get("incarnation")
+            await asyncio.to_thread(self._executor_gone, name,
+                                    None if inc is None else {inc}, f"executor {name} died: {why}")
+
+    async def _host_gone(self, hid: str, reason: str) -> None:
+        hosts = await asyncio.to_thread(self.store.hosts)
+        record = hosts.get(hid, (0, ""))[1].split("|")
+        await asyncio.to_thread(self.store.forget_host, hid)
+        if len(record) >= 5 and record[3]:
+            self._run_died(record[3], int(record[4] or 0), reason)
+
+    def _executor_gone(self, name: str, incarnations: set[str] | None, reason: str) -> None:
+        claims = [c for c in self.store.executor_claims(name)
+                  if incarnations is None or c[3] in incarnations]
+        for run_id, eid, attempt, _inc in claims:
+            rec = self.store.fx_records(run_id).get(eid, "")
+            if rec.startswith(f"{attempt}|"):
+                report_lost(self.store, run_id, eid, attempt, started=rec_started(rec),
+                            reason=reason)
+                self.stats["lost_calls"] += 1
+        self.store.executor_forget(name, claims)
+
+    # -- runs -----------------------------------------------------------------------
+
+    def _run_died(self, run_id: str, epoch: int, reason: str) -> None:
+        """An activation of the run died: the policy decides what happens."""
+        if run_id not in self.view.runs:
+            recent = tuple(self.store.restarts(run_id))
+            self._emit(Adopt(run_id, "", time.time() + 3600, epoch, recent))
+        self._emit(ActorDied(run_id, reason, epoch))
 
     def _emit(self, event: Event) -> None:
         assert self.events is not None
@@ -243,19 +207,18 @@ class SupervisorActor:
             except Exception as exc:  # a bad event must not stop supervision
                 self.log.append(f"{time.time():.3f} {event!r} -> error {exc!r}")
                 continue
-            if not isinstance(event, Tick) or commands:
+            if not isinstance(event, (Tick, Forget)) or commands:
                 self.log.append(f"{time.time():.3f} {event!r} -> {commands!r}")
             for cmd in commands:
                 self._carry_out(cmd)
 
     def _carry_out(self, cmd: Command) -> None:
-        loop = asyncio.get_running_loop()
         if isinstance(cmd, Restart):
-            loop.create_task(self._restart(cmd))
+            self.loop.create_task(self._restart(cmd))
         elif isinstance(cmd, MarkFailed):
-            loop.create_task(self._fail(cmd))
+            self.loop.create_task(self._fail(cmd))
         elif isinstance(cmd, ScheduleTick):
-            loop.call_later(max(0.0, cmd.at - time.time()), self._emit, Tick())
+            self.loop.call_later(max(0.0, cmd.at - time.time()), self._emit, Tick())
 
     async def _restart(self, cmd: Restart) -> None:
         run_id = cmd.run_id
@@ -267,13 +230,18 @@ class SupervisorActor:
             if info.status in TERMINAL:
                 self._emit(RunFinished(run_id, info.status))  # type: ignore[arg-type]
                 return
+            crash = await asyncio.to_thread(self.store.last_crash, run_id)
+            if crash and crash not in (reason or ""):
+                reason = f"{reason}; {crash}" if reason else crash
             ev = StepEvent(step=info.step, kind="restart", status=info.status,  # type: ignore[arg-type]
                            epoch=info.epoch + 1, at_ms=int(now * 1000),
                            summary=f"restart {cmd.attempt}: {reason}"[:300])
             await asyncio.to_thread(self.store.record_restart, run_id, now,
                                     encode("event", ev, run_id=run_id))
             self.stats["restarts"] += 1
-            started = await self._start_actor(run_id, cmd.avoid_nodes)
+            # forced: the host that held it is dead or presumed so; the next activation's
+            # epoch fences it if it was only paused
+            await asyncio.to_thread(self.store.requeue, run_id, force=True)
         except (Quarantined, RunNotFound) as exc:
             self._emit(RunFinished(run_id, "quarantined" if isinstance(exc, Quarantined)
                                    else "cancelled"))
@@ -281,10 +249,8 @@ class SupervisorActor:
         except Exception as exc:
             self._emit(RestartFailed(run_id, _short(exc)))
             return
-        if started.get("status") in TERMINAL:
-            self._emit(RunFinished(run_id, started["status"]))
-        else:
-            self._emit(RestartSucceeded(run_id, started["node_id"], started["epoch"]))
+        self._emit(RestartSucceeded(run_id, "", info.epoch + 1))
+        self.loop.call_later(FORGET_AFTER_S, self._emit, Forget(run_id))
 
     async def _fail(self, cmd: MarkFailed) -> None:
         try:
@@ -294,48 +260,74 @@ class SupervisorActor:
             self.log.append(f"{time.time():.3f} failing {cmd.run_id} -> error {exc!r}")
         self._emit(RunFinished(cmd.run_id, "failed"))
 
+    # -- scanning -------------------------------------------------------------------
+
     async def _scan_loop(self) -> None:
         last_nodes = 0.0
         while True:
             await asyncio.sleep(self.scan_s)
+            check_nodes = time.time() - last_nodes > 1.0
             try:
-                await self._scan(time.time() - last_nodes > 1.0)
-            except Exception:
-                continue  # Redis or GCS unavailable: keep scanning
-            if time.time() - last_nodes > 1.0:
-                last_nodes = time.time()
+                await asyncio.to_thread(self._scan)
+                if check_nodes:
+                    last_nodes = time.time()
+                    await self._check_nodes()
+            except Exception as exc:  # Redis or GCS unavailable: keep scanning
+                self.log.append(f"{time.time():.3f} scan -> {exc!r}")
 
-    async def _scan(self, check_nodes: bool) -> None:
-        expired = await asyncio.to_thread(self.store.expired_leases)
-        for run_id, _exp in expired:
-            run = self.view.runs.get(run_id)
-            if run is None:
-                info = await asyncio.to_thread(_info_or_none, self.store, run_id)
-                if info is None or info.status in TERMINAL:
-                    await asyncio.to_thread(self.store.forget_lease, run_id)
-                else:
-                    self._emit(Adopt(run_id, "", 0.0, info.epoch,
-                                     tuple(await asyncio.to_thread(self.store.restarts, run_id))))
-                continue
-            if run.state == "running":
+    def _scan(self) -> None:
+        """(In a thread.) Expired leases, stale hosts, lost calls, due timers."""
+        now = time.time()
+        for run_id, _exp in self.store.expired_leases():
+            info = _info_or_none(self.store, run_id)
+            if info is None:
+                self.store.forget_lease(run_id)
+            elif info.status in TERMINAL:
+                self.store.forget_lease(run_id)
+                if self.store.load(run_id).outbox:  # it ended before relaying: finish that
+                    self.store.requeue(run_id, force=True)
+            else:
                 self.stats["lease_expiries"] += 1
-                if run.node_id:
-                    self.suspect[run.node_id] = time.time() + 20.0
-                self._emit(LeaseExpired(run_id))
-        if check_nodes:
-            alive = await asyncio.to_thread(_alive_nodes)
-            for node in self.alive_nodes - alive:
-                self.stats["nodes_lost"] += 1
-                self._emit(NodeLost(node))
-            self.alive_nodes = alive
+                self.loop.call_soon_threadsafe(self._run_died, run_id, info.epoch,
+                                               "lease expired")
+        for hid, (beat_ms, record) in self.store.hosts().items():
+            if now - beat_ms / 1000 > HOST_STALE_S:
+                fields = record.split("|")
+                self.store.forget_host(hid)
+                if len(fields) >= 5 and fields[3]:
+                    self.loop.call_soon_threadsafe(self._run_died, fields[3],
+                                                   int(fields[4] or 0),
+                                                   f"host {fields[0]} stopped answering")
+        for run_id, eid, rec in self.store.fx_overdue():
+            if not rec:
+                self.store.fx_forget(run_id, eid)
+                continue
+            attempt = int(rec.split("|")[0])
+            state = "never claimed" if rec.endswith("|q") else "claim not renewed"
+            report_lost(self.store, run_id, eid, attempt, started=rec_started(rec),
+                        reason=f"dispatch {state} in time")
+            self.stats["lost_calls"] += 1
+            self.store.fx_postpone(run_id, eid, int((now + LOST_RECHECK_S) * 1000))
+        for run_id, timer_id in self.store.timers_due():
+            try:
+                self.store.deliver(run_id, encode_message(
+                    Timer(id=f"timer:{timer_id}", timer_id=timer_id), run_id))
+            except RunNotFound:
+                pass
+            self.store.timer_done(run_id, timer_id)
+            self.stats["timers"] += 1
 
-
-async def _await(ref: Any) -> Any:
-    return await ref
-
-
-def _alive_nodes() -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    async def _check_nodes(self) -> None:
+        alive = set(await asyncio.to_thread(alive_nodes))
+        lost, new = self.alive_nodes - alive, alive - self.alive_nodes
+        for node in lost:
+            self.stats["nodes_lost"] += 1
+            # its executor's calls are lost now, not when their claims go overdue
+            await asyncio.to_thread(self._executor_gone, executor_name(node), None,
+                                    f"node {node} lost")
+        if new or lost:
+            await self.ensure_pool()
+        self.alive_nodes = alive
 
 
 def _info_or_none(store: RedisStore, run_id: str) -> Any:

@@ -32,6 +32,7 @@ __all__ = [
     "Command",
     "Event",
     "FinishStatus",
+    "Forget",
     "LeaseExpired",
     "MarkFailed",
     "NodeLost",
@@ -143,6 +144,14 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class Forget:
+    """The incident is over: drop a running run from the view (its restart times stay in
+    Redis and come back with the next `Adopt`). Ignored in any other state."""
+
+    run_id: str
+
+
+@dataclass(frozen=True)
 class Adopt:
     run_id: str
     node_id: str
@@ -161,6 +170,7 @@ Event: TypeAlias = (
     | RunFinished
     | Tick
     | Adopt
+    | Forget
 )
 
 
@@ -250,6 +260,13 @@ def handle(view: SupervisorView, event: Event, now: float) -> Result:
             return replace(view, runs=runs), []
         case Tick():
             return _on_tick(view, now)
+        case Forget():
+            run = view.runs.get(event.run_id)
+            if run is None or run.state != "running":
+                return view, []
+            runs = dict(view.runs)
+            del runs[event.run_id]
+            return replace(view, runs=runs), []
     raise TypeError(f"not a supervisor event: {event!r}")
 
 

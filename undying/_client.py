@@ -19,7 +19,7 @@ from typing import Any
 from undying.actors import Agent, RunState, StepEvent, create_run, encode_message, load_state
 from undying.actors._state import Cancel
 from undying.cluster import Settings, connect_store, init_ray
-from undying.persistence import TERMINAL, CheckpointStore, RunInfo, UndyingError, decode
+from undying.persistence import TERMINAL, CheckpointStore, RunInfo, RunNotFound, UndyingError, decode
 
 
 class RunTimeout(UndyingError):
@@ -41,29 +41,42 @@ class Undying:
     def __init__(self, settings: Settings | None = None, *, store: CheckpointStore | None = None,
                  actor_options: dict[str, Any] | None = None, supervise: bool = True,
                  policy: dict[str, Any] | None = None) -> None:
-        """``supervise``: runs are started by the cluster's supervisor, which restarts them
-        when they die. Without it a dead run waits for `resume`."""
+        """``supervise``: the cluster's supervisor keeps the pool of hosts and executors and
+        restarts runs whose activation died. Without it, the pool is made here and a run
+        whose host died waits for `resume` (or for its next message).
+
+        ``actor_options`` go to the pool: ``hosts_per_node`` (4), ``executor_concurrency``
+        (2000), ``lease_ttl_s`` (3), ``compact_ratio`` (2.0)."""
         self.settings = settings or Settings.from_env()
         self.store = store if store is not None else connect_store(self.settings)
         self.redis_url: str = getattr(self.store, "url", "")
         self.actor_options = dict(actor_options or {})
         self.supervise = supervise
         self.policy = policy
-        self._refs: dict[str, Any] = {}
         self._supervisor: Any = None
+        self._pool_ready = False
 
     # -- runs -----------------------------------------------------------------
 
     def start(self, agent: Agent, task: str, *, run_id: str | None = None) -> RunHandle:
+        """Store a new run; the next free host on any node activates it."""
+        self.ensure_cluster()
         rid = create_run(self.store, agent, task, run_id=run_id)
-        self._start(rid)
         return RunHandle(self, rid)
 
-    def resume(self, run_id: str) -> RunHandle:
-        """Start a new incarnation from the latest checkpoint, unless one is alive."""
+    def resume(self, run_id: str, *, lease_wait_s: float = 4.0) -> RunHandle:
+        """Queue a run for activation from its latest checkpoint.
+
+        If a host holds the run's lease, the run is active and nothing is needed, unless
+        that host died: then its lease expires within the lease TTL (3 s), and this waits
+        up to ``lease_wait_s`` for that before it gives up (the run is then truly active).
+        """
         info = self.store.info(run_id)
         if info.status not in TERMINAL:
-            self._start(run_id)
+            self.ensure_cluster()
+            deadline = time.monotonic() + lease_wait_s
+            while self.store.requeue(run_id) == "busy" and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.1)
         return RunHandle(self, run_id)
 
     def handle(self, run_id: str) -> RunHandle:
@@ -71,14 +84,12 @@ class Undying:
         return RunHandle(self, run_id)
 
     def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
+        """Cancel a run and, through it, every sub-agent below it."""
         self.send(run_id, Cancel(id=f"cancel:{run_id}", reason=reason))
 
     def send(self, run_id: str, message: Any) -> str:
-        eid = self.store.send(run_id, encode_message(message, run_id))
-        actor = self._find_actor(run_id)
-        if actor is not None:
-            actor.deliver.remote()
-        return eid
+        """Store a message in the run's inbox; a passivated run is queued to receive it."""
+        return self.store.send(run_id, encode_message(message, run_id))
 
     # -- reading ----------------------------------------------------------------
 
@@ -90,6 +101,26 @@ class Undying:
 
     def state(self, run_id: str) -> RunState:
         return load_state(self.store, run_id)[0]
+
+    def tree(self, run_id: str) -> list[tuple[int, RunInfo]]:
+        """The run and every descendant, depth first: (depth, info)."""
+        out: list[tuple[int, RunInfo]] = []
+
+        def walk(rid: str, depth: int) -> None:
+            info = self.store.info(rid)
+            out.append((depth, info))
+            try:
+                d = self.state(rid).delegation
+            except UndyingError:
+                return
+            for child in sorted({*d.pending, *d.done}, key=_child_order):
+                try:
+                    walk(child, depth + 1)
+                except RunNotFound:
+                    continue
+
+        walk(run_id, 0)
+        return out
 
     def history(self, run_id: str) -> list[StepEvent]:
         self.store.info(run_id)
@@ -125,12 +156,26 @@ class Undying:
                 pass
         s = self.state(run_id)
         return RunResult(run_id=run_id, status=s.status, answer=s.result, error=s.error,
-                         steps=s.step, tokens=s.usage.tokens, tool_calls=s.usage.tool_calls)
+                         steps=s.step, tokens=s.usage.tokens + s.delegation.tokens,
+                         tool_calls=s.usage.tool_calls)
 
     def ledger(self, run_id: str) -> dict[str, int]:
         return self.store.ledger(run_id)  # type: ignore[attr-defined, no-any-return]
 
     # -- Ray ----------------------------------------------------------------------
+
+    def ensure_cluster(self) -> None:
+        """Connect to Ray and make sure the pool (and the supervisor, if supervising) exist."""
+        if self._pool_ready:
+            return
+        if self.supervise:
+            self.supervisor()
+        else:
+            from undying.actors.pool import ensure_pool
+
+            init_ray(self.settings)
+            ensure_pool(self.redis_url, self.settings.namespace, self.actor_options)
+        self._pool_ready = True
 
     def supervisor(self) -> Any:
         """The cluster's supervisor actor (created on first use, then found by name)."""
@@ -145,65 +190,28 @@ class Undying:
             ray.get(self._supervisor.boot.remote())
         return self._supervisor
 
-    def _start(self, run_id: str) -> None:
-        if not self.supervise:
-            self._launch(run_id)
-            return
-        import ray
-
-        # the supervisor raises if the run cannot be activated
-        ray.get(self.supervisor().launch.remote(run_id))
-
-    def _find_actor(self, run_id: str) -> Any:
-        """The actor of the run's current epoch, if one is registered."""
-        import ray
-
-        from undying.actors.ray_actor import actor_name
-
-        if not ray.is_initialized():
+    def actor_info(self, run_id: str) -> dict[str, Any] | None:
+        """Where the run is active now (host, node, pid, epoch), or None if it holds no process."""
+        owner = self.store.lease_owner(run_id)  # type: ignore[attr-defined]
+        if owner is None:
             return None
-        epoch = self.store.info(run_id).epoch
-        try:
-            return ray.get_actor(actor_name(run_id, epoch), namespace=self.settings.namespace)
-        except ValueError:
-            return None
-
-    def _launch(self, run_id: str) -> None:
-        import ray
-
-        from undying.actors.ray_actor import new_run_actor
-
-        init_ray(self.settings)
-        existing = self._find_actor(run_id)
-        if existing is not None:
-            try:
-                ray.get(existing.info.remote(), timeout=5)
-                return  # a live incarnation is already running the run
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass  # dead or hung: a new epoch fences it
-        epoch = self.store.claim_epoch(run_id)
-        actor = new_run_actor(run_id, self.redis_url, epoch, self.settings.namespace,
-                              self.actor_options)
-        started = ray.get(actor.start.remote())
-        if started.get("status") in ("crashed", "fenced"):
-            raise UndyingError(f"run {run_id!r} could not be activated: {started.get('error')}")
-        self._refs[run_id] = actor.wait.remote()
-
-    def actor_info(self, run_id: str, timeout: float = 5.0) -> dict[str, Any] | None:
-        import ray
-
-        actor = self._find_actor(run_id)
-        if actor is None:
-            return None
-        try:
-            return ray.get(actor.info.remote(), timeout=timeout)  # type: ignore[no-any-return]
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return None
+        epoch, host, node, pid = (owner.split("|") + ["", "", "", "0"])[:4]
+        return {"epoch": int(epoch or 0), "host": host, "node_id": node, "pid": int(pid or 0)}
 
     def close(self) -> None:
         close = getattr(self.store, "close", None)
         if close:
             close()
+
+
+def _child_order(run_id: str) -> tuple[int, int, str]:
+    """Children ids are ``<parent>.<step>-<n>``: order them by step, then n."""
+    tail = run_id.rsplit(".", 1)[-1]
+    step, _, n = tail.partition("-")
+    try:
+        return int(step), int(n), run_id
+    except ValueError:
+        return 1 << 30, 0, run_id
 
 
 class RunHandle:

@@ -7,11 +7,11 @@ a store that records its writes and crashes after the k-th, and an inline runner
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from undying.actors import Agent, RunEngine, RunState, create_run
+from undying.actors import Agent, RunState, create_run
+from undying.actors.inline import run_until_done
 from undying.actors.scripted import POLICIES, ScriptedModel, policy
 from undying.persistence import CheckpointStore, MemoryStore
 
@@ -49,7 +49,8 @@ class SimulatedCrash(BaseException):
     """
 
 
-_WRITES = ("create", "commit", "claim_epoch", "quarantine", "delete", "send", "mark_relayed")
+_WRITES = ("create", "commit", "claim_epoch", "quarantine", "delete", "send", "deliver",
+           "mark_relayed", "activate", "passivate", "requeue", "fx_claim", "fx_start", "fx_complete")
 
 
 @dataclass
@@ -78,9 +79,25 @@ class RecordingStore:
 
 @dataclass
 class CrashAfter(RecordingStore):
-    """Crashes (raises `SimulatedCrash`) right after write number ``k`` (1-based)."""
+    """Crashes (raises `SimulatedCrash`) right after write number ``k`` (1-based), and on
+    every write after it: a dead process writes nothing more, whichever task tries."""
 
     k: int = 1
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in _WRITES:
+            return attr
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            if len(self.writes) >= self.k:
+                raise SimulatedCrash(f"write {name} after the crash at write {self.k}")
+            out = attr(*args, **kwargs)
+            self.writes.append(name)
+            self.after_write(len(self.writes), name)
+            return out
+
+        return write
 
     def after_write(self, n: int, name: str) -> None:
         if n == self.k:
@@ -88,14 +105,18 @@ class CrashAfter(RecordingStore):
 
 
 def run_inline(store: CheckpointStore, agent: Agent, task: str, *, run_id: str | None = None,
-               **engine_options: Any) -> RunState:
-    """Create a run and drive it to its end in this process, with no Ray."""
+               **options: Any) -> RunState:
+    """Create a run and drive it (and any sub-agents it spawns) to its end in this process,
+    with no Ray. Options: effect_concurrency, compact_ratio, model_factory, ledger."""
     rid = create_run(store, agent, task, run_id=run_id)
-    return resume_inline(store, rid, **engine_options)
+    return run_until_done(store, rid, **options)
 
 
-def resume_inline(store: CheckpointStore, run_id: str, **engine_options: Any) -> RunState:
-    return asyncio.run(RunEngine(run_id, store, **engine_options).run())
+def resume_inline(store: CheckpointStore, run_id: str, **options: Any) -> RunState:
+    """Continue a run from its latest checkpoint in this process (after a crash, say)."""
+    # whatever hosted it before is gone (this is a resume after a crash): take it over
+    store.requeue(run_id, force=True)  # type: ignore[attr-defined]
+    return run_until_done(store, run_id, recover=True, **options)
 
 
 # -- agents for fault tests (importable by every worker: they live in the package) --------

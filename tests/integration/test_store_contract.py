@@ -379,7 +379,8 @@ def test_a_quarantined_run_cannot_be_activated(store: RedisStore) -> None:
     store.quarantine(rid, "operator says no")
     with pytest.raises(Quarantined, match="operator says no"):
         resume_inline(store, rid)
-    engine = RunEngine(rid, store)
     with pytest.raises(Quarantined):
-        asyncio.run(engine.activate())
-    assert engine.state is None and store.info(rid).epoch == 0  # no epoch was taken
+        store.activate(rid, "host-1", "host-1|node|1", 3000)
+    with pytest.raises(Quarantined):
+        store.claim_epoch(rid)
+    assert store.info(rid).epoch == 0  # no epoch was taken

@@ -32,7 +32,7 @@ from undying.actors._state import (
     CallModel,
     CallTool,
     Delegation,
-    MarkInDoubt,
+    EffectLost,
     ModelFailed,
     PendingEffect,
     SendMessage,
@@ -291,7 +291,8 @@ def test_a_child_reaching_a_terminal_status_sends_its_result_to_the_parent() -> 
     child = started(fresh("child-1", parent_id="parent-1"))
     s, effects = reply(child, "child answer")
     assert effects == [SendMessage(to="parent-1", message=ChildResult(
-        id="result:child-1", child_id="child-1", status="finished", answer="child answer"))]
+        id="result:child-1", child_id="child-1", status="finished", answer="child answer",
+        steps=2))]
     # once terminal, nothing is sent again
     assert decide(s, Cancel(id="cancel")) == (s, [])
 
@@ -325,7 +326,7 @@ def test_a_child_result_is_applied_once() -> None:
     s1, effects = decide(s, msg)
     assert effects == [] and s1.step == s.step + 1
     assert s1.delegation == Delegation(pending={"child-2": "other"}, done={"child-1": "finished"},
-                                       results={"child-1": "A"})
+                                       results={"child-1": "A"}, order=("child-1",))
     for copy in (msg, msg.model_copy(update={"id": "resent", "answer": "B"})):
         again, effects = decide(s1, copy)
         assert again is s1 and effects == []
@@ -339,19 +340,67 @@ def test_recover_after_start_calls_the_model_again() -> None:
     assert recover(s) == (s, [CallModel(effect_id="m1")])
 
 
-def test_recover_redoes_idempotent_and_keyed_calls_and_marks_at_most_once_in_doubt() -> None:
+def test_recover_lists_every_pending_call() -> None:
     tools = {n: ToolInfo(name=n, side_effect=se) for n, se in
              [("fetch", "idempotent"), ("charge", "keyed"), ("email", "at_most_once")]}
     s, effects = reply(started(fresh(tools=tools)), "", ("fetch", {}), ("charge", {"cents": 5}),
                        ("email", {"to": "x"}))
     assert effects == [CallTool(effect_id=f"t2.{i}") for i in range(3)]
-    assert [s.journal[f"t2.{i}"].side_effect for i in range(3)] == ["idempotent", "keyed", "at_most_once"]
-    again, redo = recover(s)
-    assert again is s
-    assert redo == [CallTool(effect_id="t2.0"), CallTool(effect_id="t2.1"), MarkInDoubt(effect_id="t2.2")]
-    # a result already committed is not redone
+    assert recover(s) == (s, effects)
     s1, _ = result(s, "t2.1")
-    assert recover(s1)[1] == [CallTool(effect_id="t2.0"), MarkInDoubt(effect_id="t2.2")]
+    assert recover(s1)[1] == [CallTool(effect_id="t2.0"), CallTool(effect_id="t2.2")]
+
+
+def _three_tools() -> RunState:
+    tools = {n: ToolInfo(name=n, side_effect=se) for n, se in
+             [("fetch", "idempotent"), ("charge", "keyed"), ("email", "at_most_once")]}
+    s, _ = reply(started(fresh(tools=tools)), "", ("fetch", {}), ("charge", {"cents": 5}),
+                 ("email", {"to": "x"}))
+    return s
+
+
+def lost(eid: str, attempt: int = 1, started: bool = True) -> EffectLost:
+    return EffectLost(id=f"lost:{eid}:{attempt}", effect_id=eid, attempt=attempt, started=started,
+                      reason="executor died")
+
+
+@pytest.mark.parametrize("eid", ["t2.0", "t2.1"])
+def test_a_lost_idempotent_or_keyed_call_is_dispatched_again_with_its_key(eid: str) -> None:
+    s = _three_tools()
+    s1, effects = decide(s, lost(eid))
+    assert effects == [CallTool(effect_id=eid)]
+    assert s1.pending[eid].attempt == 2 and s1.step == s.step + 1
+    assert s1.journal[eid].key == s.journal[eid].key  # the same idempotency key
+    # the same report again, or one about the old attempt, changes nothing
+    assert decide(s1, lost(eid)) == (s1, [])
+
+
+def test_a_lost_at_most_once_call_that_started_is_in_doubt_never_rerun() -> None:
+    s = _three_tools()
+    s1, effects = decide(s, lost("t2.2", started=True))
+    assert effects == []
+    assert s1.journal["t2.2"].status == "in_doubt" and "t2.2" not in s1.pending
+    assert "in doubt" in (s1.error or "")
+
+
+def test_a_lost_at_most_once_call_that_never_started_is_dispatched_again() -> None:
+    s = _three_tools()
+    s1, effects = decide(s, lost("t2.2", started=False))
+    assert effects == [CallTool(effect_id="t2.2")] and s1.pending["t2.2"].attempt == 2
+
+
+def test_a_lost_model_call_is_called_again_and_a_call_lost_too_often_fails_the_run() -> None:
+    s = started(fresh(budgets=Budgets(max_effect_attempts=3)))
+    s1, effects = decide(s, lost("m1"))
+    assert effects == [CallModel(effect_id="m1")] and s1.pending["m1"].attempt == 2
+    s2, _ = decide(s1, lost("m1", 2))
+    s3, effects = decide(s2, lost("m1", 3))
+    assert effects == [] and s3.status == "failed"
+    assert "model call m1 was lost 3 times" in (s3.error or "")
+    # a late reply to the first attempt is still welcome while the call is pending
+    late = ModelReply(id="reply:m1:1", effect_id="m1",
+                      message=ChatMessage(role="assistant", content="done"))
+    assert decide(s2, late)[0].status == "finished"
 
 
 # -- a whole conversation, twice ---------------------------------------------------------------

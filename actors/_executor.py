@@ -1,0 +1,255 @@
+"""Executors: perform model and tool calls for many runs at once, while those runs hold no process.
+
+A run that waits for a call commits and passivates; the call is performed
+here and its result enters the run's inbox like any message, which
+re-activates the run. Every dispatch (effect id + attempt) is claimed in the
+store before it runs, so a dispatch sent twice, or superseded by a newer
+attempt, runs at most once. Claims are renewed while they run; a claim whose
+executor died is reported as `EffectLost` (by the executor's next incarnation,
+or by the supervisor when the claim is overdue), and the run's `decide`
+chooses by side-effect class whether to run it again or mark it in doubt.
+
+The same class serves one run in-process (`undying.testing.run_inline`) and,
+wrapped in a Ray actor (`ray_executor`), every run on a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from undying.persistence import UndyingError, plain
+
+from ._agent import load_agent
+from ._models import Model, ModelRequest, build_model
+from ._state import (
+    ChatMessage,
+    EffectLost,
+    Envelope,
+    Message,
+    ModelFailed,
+    ModelReply,
+    ModelSpec,
+    ToolResult,
+)
+from ._tools import ToolArgumentsError, ToolContext
+
+
+@dataclass(frozen=True)
+class EffectRequest:
+    """One dispatch of a model or tool call: all an executor needs, no secret values."""
+
+    run_id: str
+    effect_id: str
+    attempt: int
+    kind: str  # "model" or "tool"
+    agent_ref: str
+    agent_version: str | None = None
+    # model calls
+    spec: ModelSpec | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    # tool calls
+    tool: str = ""
+    arguments: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+
+def message_bytes(msg: Message, run_id: str) -> bytes:
+    from undying.persistence import encode
+
+    return encode("message", Envelope(message=msg), run_id=run_id)
+
+
+class Executor:
+    def __init__(self, store: Any, name: str, *, incarnation: str | None = None,
+                 concurrency: int = 256, claim_lease_ms: int = 6000,
+                 model_factory: Callable[[ModelSpec], Model] | None = None,
+                 ledger: Any = None,
+                 hold: Callable[[EffectRequest], Awaitable[None]] | None = None,
+                 on_crash: Callable[[BaseException], None] | None = None,
+                 on_done: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.name = name
+        self.incarnation = incarnation or uuid.uuid4().hex[:10]
+        self.claim_lease_ms = claim_lease_ms
+        self.model_factory = model_factory or build_model
+        self.ledger = ledger if ledger is not None else store
+        # in-process runs with concurrency 1: keep the slot until the result is committed,
+        # so no call starts before the previous one's result is durable
+        self.hold = hold
+        self.on_crash = on_crash
+        self.on_done = on_done
+        self.sem = asyncio.Semaphore(concurrency)
+        self.claimed: dict[str, EffectRequest] = {}  # "run|effect" -> the request running
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.models: dict[str, Model] = {}
+        self.stats = {"received": 0, "claimed": 0, "skipped": 0, "completed": 0, "failed": 0}
+
+    # -- intake -------------------------------------------------------------------
+
+    def submit(self, requests: Iterable[EffectRequest]) -> None:
+        """Schedule requests on the running loop (returns at once)."""
+        loop = asyncio.get_running_loop()
+        for req in requests:
+            self.stats["received"] += 1
+            task = loop.create_task(self.perform(req))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def perform(self, req: EffectRequest) -> None:
+        try:
+            await self._perform(req)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if self.on_crash is None:
+                raise
+            self.on_crash(exc)  # the in-process host re-raises it where the run is driven
+
+    async def _perform(self, req: EffectRequest) -> None:
+        if self.hold is not None:
+            # one call at a time, in order: nothing is claimed before the previous
+            # call's result is committed
+            async with self.sem:
+                if await self._claim(req):
+                    await self._run(req)
+            return
+        # claimed on receipt, renewed while it waits for a slot and while it runs: a call
+        # queued behind others here is not mistaken for a lost one
+        if await self._claim(req):
+            async with self.sem:
+                await self._run(req)
+
+    async def _claim(self, req: EffectRequest) -> bool:
+        claim = self.store.fx_claim(req.run_id, req.effect_id, req.attempt, self.name,
+                                    self.claim_lease_ms, self.incarnation)
+        if claim.status != "ok":
+            self.stats["skipped"] += 1
+            return False
+        self.stats["claimed"] += 1
+        self.claimed[f"{req.run_id}|{req.effect_id}"] = req
+        return True
+
+    async def _run(self, req: EffectRequest) -> None:
+        try:
+            t0 = time.perf_counter()
+            msg = await (self._model(req) if req.kind == "model" else self._tool(req))
+            self.store.fx_complete(req.run_id, req.effect_id, req.attempt, self.name,
+                                   message_bytes(msg, req.run_id), self.incarnation)
+            self.stats["completed"] += 1
+            self.last_call_s = time.perf_counter() - t0
+        finally:
+            self.claimed.pop(f"{req.run_id}|{req.effect_id}", None)
+        if self.on_done is not None:
+            self.on_done()
+        if self.hold is not None:
+            await self.hold(req)
+
+    # -- calls --------------------------------------------------------------------
+
+    def _model_for(self, spec: ModelSpec) -> Model:
+        key = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+        model = self.models.get(key)
+        if model is None:
+            model = self.models[key] = self.model_factory(spec)
+        return model
+
+    async def _model(self, req: EffectRequest) -> Message:
+        eid = req.effect_id
+        try:
+            assert req.spec is not None
+            resp = await self._model_for(req.spec).complete(ModelRequest(
+                messages=req.messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid))
+            # whatever a provider sent must be storable, or the step would redo forever
+            reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
+            return ModelReply(id=f"reply:{eid}:{req.attempt}", effect_id=eid, message=reply,
+                              tokens_in=resp.tokens_in, tokens_out=resp.tokens_out)
+        except Exception as exc:  # a provider fault is data for the loop, not a crash
+            self.stats["failed"] += 1
+            return ModelFailed(id=f"failed:{eid}:{req.attempt}", effect_id=eid,
+                               error=f"{type(exc).__name__}: {exc}")
+
+    async def _tool(self, req: EffectRequest) -> Message:
+        eid = req.effect_id
+        mid = f"tool:{eid}:{req.attempt}"
+        try:
+            agent = load_agent(req.agent_ref, req.agent_version)
+        except UndyingError as exc:
+            return ToolResult(id=mid, effect_id=eid, error=str(exc))
+        tool = agent.tools.get(req.tool)
+        if tool is None:
+            return ToolResult(id=mid, effect_id=eid,
+                              error=f"tool {req.tool!r} is not installed on this node")
+        ctx = ToolContext(run_id=req.run_id, call_id=eid, key=req.key, attempt=req.attempt,
+                          config=agent.config)
+        try:
+            tool.validate(req.arguments)
+            if tool.side_effect == "at_most_once":
+                # from here on a crash leaves the call in doubt: it may have happened
+                self.store.fx_start(req.run_id, req.effect_id, req.attempt)
+            self.ledger.ledger_record(req.run_id, req.tool, req.key)
+            out = await tool.invoke(req.arguments, ctx)
+            return ToolResult(id=mid, effect_id=eid, output=plain(out))
+        except ToolArgumentsError as exc:
+            return ToolResult(id=mid, effect_id=eid, error=str(exc))
+        except Exception as exc:
+            self.stats["failed"] += 1
+            return ToolResult(id=mid, effect_id=eid, error=f"{type(exc).__name__}: {exc}")
+
+    # -- liveness -------------------------------------------------------------------
+
+    def heartbeat(self) -> int:
+        """Renew the claims of the calls running here (call about every second)."""
+        if not self.claimed:
+            return 0
+        return int(self.store.fx_heartbeat(list(self.claimed), self.claim_lease_ms))
+
+    async def heartbeat_forever(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.to_thread(self.heartbeat)
+            except UndyingError:
+                continue  # the store is down: claims may go overdue; results are still sent
+
+    def report_lost(self, *, reason: str, dead: Callable[[str], bool] | None = None) -> int:
+        """Report the calls earlier incarnations of this executor claimed and never finished.
+
+        Ray restarts an executor only after its process died, so every claim of
+        another incarnation under this name is lost: its run gets `EffectLost`.
+        """
+        lost = [c for c in self.store.executor_claims(self.name)
+                if c[3] != self.incarnation and (dead is None or dead(c[3]))]
+        for run_id, eid, attempt, inc in lost:
+            rec = self.store.fx_records(run_id).get(eid, "")
+            if not rec.startswith(f"{attempt}|"):
+                continue  # answered or dispatched again since
+            report_lost(self.store, run_id, eid, attempt, started=rec_started(rec),
+                        reason=f"{reason} (executor {self.name}#{inc})")
+        self.store.executor_forget(self.name, lost)
+        return len(lost)
+
+
+def rec_started(record: str) -> bool:
+    """Whether a dispatch record says the call may have happened (an at-most-once call
+    that began): "<attempt>|s|<executor>". Claimed-only ("|c|") or queued ("|q") did not."""
+    return record.split("|")[1:2] == ["s"]
+
+
+def report_lost(store: Any, run_id: str, effect_id: str, attempt: int, *, started: bool,
+                reason: str) -> None:
+    """Tell a run that one dispatch of a call was lost (deduplicated by its message id)."""
+    from undying.persistence import RunNotFound
+
+    msg = EffectLost(id=f"lost:{effect_id}:{attempt}", effect_id=effect_id, attempt=attempt,
+                     started=started, reason=reason[:300])
+    try:
+        store.deliver(run_id, message_bytes(msg, run_id))
+    except RunNotFound:
+        pass

@@ -1,0 +1,97 @@
+"""The pool: warm host actors and one executor actor per Ray node.
+
+Runs are not actors of their own: a host actor hosts one run at a time,
+while it has messages to apply, and executors perform the model and tool
+calls of every run on their node. So the number of processes follows the work
+being done, not the number of runs in flight (RAY-NOTES: an actor costs
+~41 MB and creating one takes 0.2-0.3 s on 2 cores; a thousand sub-agents in
+flight cannot each keep one).
+
+Every pool actor is named, detached, pinned to its node, uses no CPU
+reservation (num_cpus=0) and is restarted by Ray when its process dies; each
+holds nothing that is not in Redis. `ensure_pool` is idempotent: the
+supervisor calls it on boot and whenever nodes come or go, a client without a
+supervisor calls it before starting runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+EXECUTOR = "undying-executor"
+HOST = "undying-host"
+HOSTS_PER_NODE = 4
+
+
+def executor_name(node_id: str) -> str:
+    return f"{EXECUTOR}:{node_id}"
+
+
+def host_name(node_id: str, i: int) -> str:
+    return f"{HOST}:{node_id}:{i}"
+
+
+def alive_nodes() -> list[str]:
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
+def _pinned(node_id: str) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+
+def get_executor(redis_url: str, namespace: str, node_id: str,
+                 options: dict[str, Any] | None = None) -> Any:
+    from .ray_executor import ExecutorActor
+
+    return ExecutorActor.options(  # type: ignore[attr-defined]
+        name=executor_name(node_id), namespace=namespace, lifetime="detached",
+        get_if_exists=True, scheduling_strategy=_pinned(node_id),
+    ).remote(redis_url, executor_name(node_id), dict(options or {}))
+
+
+def ensure_pool(redis_url: str, namespace: str, options: dict[str, Any] | None = None,
+                nodes: list[str] | None = None) -> dict[str, Any]:
+    """Create the missing pool actors on every live node; returns {name: handle}."""
+    from .ray_host import RunHost
+
+    opts = dict(options or {})
+    per_node = int(opts.get("hosts_per_node", HOSTS_PER_NODE))
+    out: dict[str, Any] = {}
+    for node in nodes if nodes is not None else alive_nodes():
+        out[executor_name(node)] = get_executor(redis_url, namespace, node, opts)
+        for i in range(per_node):
+            name = host_name(node, i)
+            out[name] = RunHost.options(  # type: ignore[attr-defined]
+                name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
+                scheduling_strategy=_pinned(node),
+            ).remote(redis_url, namespace, name, opts)
+    return out
+
+
+def pool_actors(namespace: str) -> dict[str, Any]:
+    """The pool actors that exist now, by name."""
+    from ray.util import list_named_actors
+
+    out = {}
+    for entry in list_named_actors(all_namespaces=True):
+        if entry.get("namespace") != namespace:
+            continue
+        name = entry.get("name", "")
+        if name.startswith((EXECUTOR + ":", HOST + ":")):
+            try:
+                out[name] = ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                continue
+    return out
+
+
+def shutdown_pool(namespace: str) -> int:
+    """Kill every pool actor of a namespace (tests, `undying` teardown). Returns how many."""
+    n = 0
+    for handle in pool_actors(namespace).values():
+        ray.kill(handle, no_restart=True)
+        n += 1
+    return n

@@ -1,0 +1,224 @@
+"""`RunHost`: a warm actor that hosts one run at a time, a thin adapter around `RunEngine`.
+
+A host takes a run from the ready queue, takes its lease with a new epoch,
+applies every message in its inbox (committing after each), and passivates
+it when the inbox is empty: the run then holds no process until its next
+message queues it again, for any host on any node. Model and tool calls go
+to the executor of this node. Runs are activated in well under a millisecond
+of Ray time: nothing is created per run.
+
+Liveness: the host renews its registration and its current run's lease
+every ~0.5 s. If its process dies, Ray restarts it (a new incarnation, a new
+host id); the run it was hosting is restarted by the supervisor from its
+checkpoint under a new epoch (its lease expires, or Ray reports the death
+first). A paused host that wakes up has its next commit refused (fenced) and
+drops the run. On SIGTERM (a deploy, a drained node) the atexit hook gives
+the current run's lease back at once, so it is restarted without waiting.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import ray
+
+from undying.persistence import (
+    CorruptCheckpoint,
+    Fenced,
+    Quarantined,
+    RedisStore,
+    RunNotFound,
+    UndyingError,
+)
+
+from ._engine import RunEngine
+from ._executor import EffectRequest
+from ._state import RunState
+
+LEASE_TTL_S = 3.0
+
+
+# A threaded actor, not an async one: the host's own threads block on Redis and on
+# Ray's acknowledgements; its methods (a death watch that never returns, `info`) each
+# get a thread of their own.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
+class RunHost:
+    def __init__(self, redis_url: str, namespace: str, name: str,
+                 options: dict[str, Any] | None = None) -> None:
+        opts = dict(options or {})
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.name = name
+        self.hid = f"{name}#{uuid.uuid4().hex[:8]}"  # one per incarnation
+        self.store = RedisStore(redis_url)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.pid = os.getpid()
+        self.owner = f"{self.hid}|{self.node_id}|{self.pid}"
+        self.ttl_ms = int(float(opts.get("lease_ttl_s", LEASE_TTL_S)) * 1000)
+        self.compact_ratio = float(opts.get("compact_ratio", 2.0))
+        self.pause_s = float(opts.get("pause_after_commit_s", 0.0))  # tests: a crash window
+        self.options = opts
+        self.current: tuple[str, int] | None = None
+        self.executor: Any = None
+        # dispatches not yet confirmed by the executor: a call to an executor that is
+        # dying or restarting fails, and is sent again (the claim makes that harmless)
+        self.unconfirmed: dict[Any, list[EffectRequest]] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.stats = {"activations": 0, "steps": 0, "busy": 0, "fenced": 0, "crashed": 0}
+        self.last_error = ""
+        atexit.register(self._drain)
+        self.store.host_heartbeat(self.hid, self._record())
+        for target in (self._serve, self._heartbeat, self._confirm):
+            threading.Thread(target=target, name=f"{target.__name__}", daemon=True).start()
+
+    # -- serving -------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                run_id = self.store.take(self.hid, 1.0)
+            except Exception:
+                time.sleep(0.5)
+                continue
+            if run_id is not None:
+                self._host(run_id)
+
+    def _host(self, run_id: str) -> None:
+        try:
+            act = self.store.activate(run_id, self.hid, self.owner, self.ttl_ms)
+        except (RunNotFound, Quarantined):
+            return
+        except UndyingError:
+            self._give_back()
+            return
+        if act is None:
+            self.stats["busy"] += 1  # another host holds it: it reads the inbox before passivating
+            return
+        self.current = (run_id, act.epoch)
+        self.stats["activations"] += 1
+        engine = RunEngine(run_id, self.store, dispatch=self._dispatch,
+                           compact_ratio=self.compact_ratio,
+                           after_commit=self._pause if self.pause_s else None)
+        try:
+            engine.activate(act.epoch, act.clean)
+            while True:
+                engine.drain()
+                outcome = self.store.passivate(run_id, engine.epoch, engine.read_cursor)
+                if outcome == "ok":
+                    break
+                if outcome == "outbox":
+                    engine.relay_outbox()
+        except Fenced:
+            self.stats["fenced"] += 1  # a newer activation owns the run: drop it
+        except (CorruptCheckpoint, Quarantined, RunNotFound):
+            pass  # quarantined (it names why) or deleted: nothing to host
+        except Exception as exc:
+            # the supervisor restarts it (with its crash-loop guard) and names this reason
+            self.stats["crashed"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            try:
+                self.store.note_crash(run_id, self.last_error)
+                self.store.release_lease(run_id, act.epoch, done=False)
+            except UndyingError:
+                pass
+        finally:
+            self.stats["steps"] += engine.steps
+            self.current = None
+
+    def _give_back(self) -> None:
+        try:
+            self.store.forget_host(self.hid)
+        except UndyingError:
+            pass
+
+    def _pause(self, state: RunState) -> None:
+        time.sleep(self.pause_s)
+
+    def _dispatch(self, requests: list[EffectRequest]) -> None:
+        from .pool import get_executor
+
+        if self.executor is None:
+            self.executor = get_executor(self.redis_url, self.namespace, self.node_id,
+                                         self.options)
+        try:
+            ref = self.executor.perform.remote(requests)
+        except Exception:
+            self.executor = None  # a stale handle: look it up again on the next try
+            ref = None
+        with self.lock:
+            self.unconfirmed[ref if ref is not None else object()] = requests
+
+    def _confirm(self) -> None:
+        """Wait for the executor to acknowledge each dispatch; send again what failed."""
+        while not self.stopping.is_set():
+            with self.lock:
+                items = list(self.unconfirmed.items())
+            refs = [r for r, _ in items if isinstance(r, ray.ObjectRef)]
+            failed = [reqs for r, reqs in items if not isinstance(r, ray.ObjectRef)]
+            if refs:
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
+                for ref in done:
+                    try:
+                        ray.get(ref)
+                    except Exception:
+                        with self.lock:
+                            failed.append(self.unconfirmed.get(ref, []))
+                    with self.lock:
+                        self.unconfirmed.pop(ref, None)
+            with self.lock:
+                for key in [k for k in self.unconfirmed if not isinstance(k, ray.ObjectRef)]:
+                    del self.unconfirmed[key]
+            if failed:
+                self.stats["redispatched"] = self.stats.get("redispatched", 0) + len(failed)
+                self.executor = None
+                time.sleep(0.2)  # the executor is restarting: give it a moment
+                for reqs in failed:
+                    if reqs:
+                        self._dispatch(reqs)
+            elif not refs:
+                self.stopping.wait(0.05)
+
+    # -- liveness ------------------------------------------------------------------
+
+    def _record(self) -> str:
+        run, epoch = self.current or ("", 0)
+        return f"{self.name}|{self.node_id}|{self.pid}|{run}|{epoch}"
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.store.host_heartbeat(self.hid, self._record())
+                cur = self.current
+                if cur is not None:
+                    self.store.renew_lease(cur[0], cur[1], self.owner, self.ttl_ms)
+            except Fenced:
+                pass  # the engine's next commit is refused too, and it drops the run
+            except Exception:
+                pass  # the store is down: leases may expire; fencing keeps that safe
+            self.stopping.wait(0.5)
+
+    def _drain(self) -> None:
+        self.stopping.set()
+        cur = self.current
+        if cur is not None:
+            try:
+                self.store.release_lease(cur[0], cur[1], done=False)
+            except Exception:
+                pass  # the lease then simply expires
+
+    # -- calls -----------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Never returns: a caller holding this call learns of the actor's death."""
+        threading.Event().wait()
+
+    def info(self) -> dict[str, Any]:
+        run, epoch = self.current or (None, 0)
+        return {"name": self.name, "host": self.hid, "pid": self.pid, "node_id": self.node_id,
+                "run": run, "epoch": epoch, "last_error": self.last_error, **self.stats}

@@ -163,6 +163,8 @@ class Executor:
     async def _model(self, req: EffectRequest) -> Message:
         eid = req.effect_id
         try:
+            # the agent's module registers what its model needs (a provider, a policy)
+            load_agent(req.agent_ref, req.agent_version)
             assert req.spec is not None
             resp = await self._model_for(req.spec).complete(ModelRequest(
                 messages=req.messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid))

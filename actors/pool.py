@@ -8,8 +8,9 @@ being done, not the number of runs in flight (RAY-NOTES: an actor costs
 flight cannot each keep one).
 
 Every pool actor is named, detached, pinned to its node, uses no CPU
-reservation (num_cpus=0) and is restarted by Ray when its process dies; each
-holds nothing that is not in Redis. `ensure_pool` is idempotent: the
+reservation (num_cpus=0) and holds nothing that is not in Redis. A dead one
+is replaced (by the supervisor; an executor also by the first host that needs
+it), not restarted by Ray, so that its death is known at once. `ensure_pool` is idempotent: the
 supervisor calls it on boot and whenever nodes come or go, a client without a
 supervisor calls it before starting runs.
 """

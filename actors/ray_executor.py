@@ -1,9 +1,13 @@
 """`ExecutorActor`: one per node, performs the model and tool calls of every run there.
 
 An async actor: each call is a coroutine, thousands wait on model latency at
-once in one process. It is restarted by Ray when its process dies; the new
-incarnation reports the calls the dead one had claimed as lost (their runs
-decide, by side-effect class, whether to run them again), then goes on.
+once in one process. When its process dies, Ray reports that at once (no Ray
+restarts: a restartable actor's death is reported only after ~1.5 s); the
+supervisor reports the calls it had claimed as lost (their runs decide, by
+side-effect class, whether to run them again) and creates a new one, as does
+the first host that needs it. A new incarnation also reports whatever claims
+of earlier incarnations under its name are left, so no supervisor is needed
+for that.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from undying.persistence import RedisStore
 from ._executor import EffectRequest, Executor
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
 class ExecutorActor:
     def __init__(self, redis_url: str, name: str, options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})
@@ -27,11 +31,10 @@ class ExecutorActor:
         self.store = RedisStore(redis_url)
         self.executor = Executor(self.store, name,
                                  concurrency=int(opts.get("executor_concurrency", 2000)),
-                                 claim_lease_ms=int(opts.get("claim_lease_ms", 6000)))
+                                 claim_lease_ms=int(opts.get("claim_lease_ms", 4000)))
         self.node_id = ray.get_runtime_context().get_node_id()
         self._boot: asyncio.Task[None] | None = None
         self.reported_lost = 0
-        # Ray restarts this actor with no caller; it boots itself
         ray.get_runtime_context().current_actor.boot.remote()
 
     async def boot(self) -> int:

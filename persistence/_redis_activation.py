@@ -149,6 +149,27 @@ class RedisActivation:
         rows = self._retry(lambda: self.r.zrange(LEASES, 0, -1, withscores=True))
         return {_s(m): int(sc) for m, sc in rows}
 
+    def held_by(self, host: str) -> list[tuple[str, int]]:
+        """Runs whose active lease this host holds: (run id, epoch). A host id ending in
+        '#' (a pool actor's name) matches every incarnation of it."""
+        runs = [_s(m) for m in self._retry(lambda: self.r.zrange(LEASES, 0, -1))]
+        if not runs:
+            return []
+
+        def read() -> list[Any]:
+            p = self.r.pipeline(transaction=False)
+            for run_id in runs:
+                p.get(_k(run_id, "lease"))
+            return p.execute()
+
+        out = []
+        for run_id, v in zip(runs, self._retry(read), strict=True):
+            fields = _s(v).split("|") if v is not None else []
+            if len(fields) >= 2 and (fields[1] == host or
+                                     (host.endswith("#") and fields[1].startswith(host))):
+                out.append((run_id, int(fields[0])))
+        return out
+
     def forget_lease(self, run_id: str) -> None:
         self._retry(lambda: self.r.zrem(LEASES, run_id))
 
@@ -174,8 +195,9 @@ class RedisActivation:
         """Why the run's last activation died (the supervisor's restart names it)."""
         self._retry(lambda: self.r.set(_k(run_id, "crash"), reason[:500], ex=3600))
 
-    def last_crash(self, run_id: str) -> str:
-        v = self._retry(lambda: self.r.get(_k(run_id, "crash")))
+    def last_crash(self, run_id: str, *, clear: bool = False) -> str:
+        key = _k(run_id, "crash")
+        v = self._retry(lambda: self.r.getdel(key) if clear else self.r.get(key))
         return "" if v is None else _s(v)
 
     # -- hosts -------------------------------------------------------------------

@@ -285,6 +285,18 @@ class MemoryStore:
         with self._lock:
             return {rid: exp for rid, (_, exp) in self._leases.items()}
 
+    def held_by(self, host: str) -> list[tuple[str, int]]:
+        with self._lock:
+            out = []
+            for run_id in list(self._leases):
+                run = self._runs.get(run_id)
+                v = self._lease_value(run_id, run) if run else None
+                fields = (v or "").split("|")
+                if len(fields) >= 2 and (fields[1] == host or
+                                         (host.endswith("#") and fields[1].startswith(host))):
+                    out.append((run_id, int(fields[0])))
+            return out
+
     def forget_lease(self, run_id: str) -> None:
         with self._lock:
             self._leases.pop(run_id, None)
@@ -364,9 +376,9 @@ class MemoryStore:
         with self._lock:
             self._crashes[run_id] = reason[:500]
 
-    def last_crash(self, run_id: str) -> str:
+    def last_crash(self, run_id: str, *, clear: bool = False) -> str:
         with self._lock:
-            return self._crashes.get(run_id, "")
+            return self._crashes.pop(run_id, "") if clear else self._crashes.get(run_id, "")
 
     def ready_len(self) -> int:
         return len(self.ready)

@@ -97,9 +97,16 @@ class SupervisorActor:
     async def _do_boot(self) -> None:
         self.events = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        await self.ensure_pool()
+        # supervision first: the pool may be half dead right now (that may be why we restarted)
         self._bg = [self.loop.create_task(self._event_loop()),
                     self.loop.create_task(self._scan_loop())]
+        for attempt in range(1000):
+            try:
+                await self.ensure_pool()
+                return
+            except Exception as exc:
+                self.log.append(f"{time.time():.3f} boot: ensure_pool -> {exc!r}")
+                await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
 
     async def ensure_pool(self) -> int:
         """Create what is missing of the pool on every live node, and watch it."""
@@ -137,16 +144,15 @@ class SupervisorActor:
                 last = await actor.info.remote()
                 await actor.wait.remote()
             except ray.exceptions.ActorUnavailableError:
-                # its process died and Ray is restarting it: what it held is gone
-                await self._pool_actor_died(name, last, "its process died")
-                last = {}
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # "maybe dead" (a network blip): its lease decides
                 continue
             except ray.exceptions.RayActorError as exc:
                 await self._pool_actor_died(name, last, _short(exc))
-                self.loop.call_later(1.0, lambda: self.loop.create_task(self._quiet_pool()))
+                self.watchers.pop(name, None)
+                self.loop.create_task(self._quiet_pool())  # a new one in its place
                 return
-            except Exception:
+            except Exception as exc:
+                self.log.append(f"{time.time():.3f} watching {name} -> {exc!r}"[:300])
                 await asyncio.sleep(0.5)  # a transient error talking to it: watch again
 
     async def _quiet_pool(self) -> None:
@@ -156,27 +162,36 @@ class SupervisorActor:
             self.log.append(f"{time.time():.3f} ensure_pool -> {exc!r}")
 
     async def _pool_actor_died(self, name: str, last: dict[str, Any], why: str) -> None:
+        """A pool actor died (no Ray restarts: its name is free until we replace it)."""
+        self.log.append(f"{time.time():.3f} {name} died: {why}")
         if name.startswith(HOST + ":"):
             self.stats["host_deaths"] += 1
-            hid = last.get("host")
-            if hid:
-                await self._host_gone(hid, f"host {name} died: {why}")
+            # every incarnation under this name is dead now: its runs were lost with it
+            await self._host_gone(f"{name}#", f"host {name} died: {why}")
         elif name.startswith(EXECUTOR + ":"):
             self.stats["executor_deaths"] += 1
-            inc = last.get("incarnation")
-            await asyncio.to_thread(self._executor_gone, name,
-                                    None if inc is None else {inc}, f"executor {name} died: {why}")
+            await asyncio.to_thread(self._executor_gone, name, last.get("incarnation"),
+                                    f"executor {name} died: {why}")
 
     async def _host_gone(self, hid: str, reason: str) -> None:
+        """``hid``: a host id, or a name followed by '#' for every incarnation of it."""
+        held = await asyncio.to_thread(self.store.held_by, hid)
         hosts = await asyncio.to_thread(self.store.hosts)
-        record = hosts.get(hid, (0, ""))[1].split("|")
-        await asyncio.to_thread(self.store.forget_host, hid)
-        if len(record) >= 5 and record[3]:
-            self._run_died(record[3], int(record[4] or 0), reason)
+        for h in hosts if hid.endswith("#") else [hid]:
+            if h == hid or h.startswith(hid):
+                await asyncio.to_thread(self.store.forget_host, h)
+        for run_id, epoch in held:
+            self._run_died(run_id, epoch, reason)
 
-    def _executor_gone(self, name: str, incarnations: set[str] | None, reason: str) -> None:
+    def _executor_gone(self, name: str, incarnation: str | None, reason: str) -> None:
+        """Report the calls a dead executor claimed. Without its incarnation, every claim
+        under its name but those of a live successor (a host may have made one already)."""
+        if incarnation is not None:
+            keep = None
+        else:
+            keep = _live_incarnation(name, self.namespace)
         claims = [c for c in self.store.executor_claims(name)
-                  if incarnations is None or c[3] in incarnations]
+                  if (c[3] == incarnation if incarnation is not None else c[3] != keep)]
         for run_id, eid, attempt, _inc in claims:
             rec = self.store.fx_records(run_id).get(eid, "")
             if rec.startswith(f"{attempt}|"):
@@ -230,9 +245,6 @@ class SupervisorActor:
             if info.status in TERMINAL:
                 self._emit(RunFinished(run_id, info.status))  # type: ignore[arg-type]
                 return
-            crash = await asyncio.to_thread(self.store.last_crash, run_id)
-            if crash and crash not in (reason or ""):
-                reason = f"{reason}; {crash}" if reason else crash
             ev = StepEvent(step=info.step, kind="restart", status=info.status,  # type: ignore[arg-type]
                            epoch=info.epoch + 1, at_ms=int(now * 1000),
                            summary=f"restart {cmd.attempt}: {reason}"[:300])
@@ -288,16 +300,16 @@ class SupervisorActor:
                     self.store.requeue(run_id, force=True)
             else:
                 self.stats["lease_expiries"] += 1
-                self.loop.call_soon_threadsafe(self._run_died, run_id, info.epoch,
-                                               "lease expired")
-        for hid, (beat_ms, record) in self.store.hosts().items():
+                crash = self.store.last_crash(run_id, clear=True)
+                reason = f"activation crashed: {crash}" if crash else "lease expired"
+                self.loop.call_soon_threadsafe(self._run_died, run_id, info.epoch, reason)
+        for hid, (beat_ms, _record) in self.store.hosts().items():
             if now - beat_ms / 1000 > HOST_STALE_S:
-                fields = record.split("|")
+                held = self.store.held_by(hid)
                 self.store.forget_host(hid)
-                if len(fields) >= 5 and fields[3]:
-                    self.loop.call_soon_threadsafe(self._run_died, fields[3],
-                                                   int(fields[4] or 0),
-                                                   f"host {fields[0]} stopped answering")
+                for run_id, epoch in held:
+                    self.loop.call_soon_threadsafe(self._run_died, run_id, epoch,
+                                                   f"host {hid} stopped answering")
         for run_id, eid, rec in self.store.fx_overdue():
             if not rec:
                 self.store.fx_forget(run_id, eid)
@@ -328,6 +340,14 @@ class SupervisorActor:
         if new or lost:
             await self.ensure_pool()
         self.alive_nodes = alive
+
+
+def _live_incarnation(name: str, namespace: str) -> str | None:
+    try:
+        return str(ray.get(ray.get_actor(name, namespace=namespace).info.remote(),
+                           timeout=10)["incarnation"])
+    except Exception:
+        return None
 
 
 def _info_or_none(store: RedisStore, run_id: str) -> Any:

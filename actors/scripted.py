@@ -13,6 +13,7 @@ best documents; remember one finding per document; answer with citations.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -35,17 +36,31 @@ def policy(name: str) -> Callable[[Policy], Policy]:
 
 
 class ScriptedModel:
-    """Answers from a named policy after an optional simulated latency."""
+    """Answers from a named policy after an optional simulated latency.
 
-    def __init__(self, policy_name: str = "research", latency_s: float = 0.0) -> None:
+    ``latency_max_s``: when above ``latency_s``, each call waits a time between the two,
+    drawn from a hash of the conversation (deterministic: the same call, the same wait).
+    """
+
+    def __init__(self, policy_name: str = "research", latency_s: float = 0.0,
+                 latency_max_s: float | None = None) -> None:
         if policy_name not in POLICIES:
             raise ValueError(f"no scripted policy {policy_name!r}; have {sorted(POLICIES)}")
         self.policy = POLICIES[policy_name]
         self.latency_s = latency_s
+        self.latency_max_s = latency_max_s
+
+    def _latency(self, request: ModelRequest) -> float:
+        lo, hi = self.latency_s, self.latency_max_s
+        if hi is None or hi <= lo:
+            return lo
+        h = hashlib.sha1("".join(m.content for m in request.messages[-2:]).encode()).digest()
+        return lo + (hi - lo) * (int.from_bytes(h[:4], "big") / 2**32)
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+        wait = self._latency(request)
+        if wait:
+            await asyncio.sleep(wait)
         reply = self.policy(request.messages, request.tools)
         tin = sum(estimate_tokens(m.content) for m in request.messages)
         tout = estimate_tokens(reply.content + json.dumps([c.arguments for c in reply.tool_calls]))
@@ -54,8 +69,10 @@ class ScriptedModel:
 
 def _from_spec(spec: ModelSpec, *, limiter: RateLimiter | None = None) -> ScriptedModel:
     # a script has no provider to protect: the limiter is accepted and ignored
+    top = spec.options.get("latency_max_s")
     return ScriptedModel(spec.name if spec.name != "default" else "research",
-                         float(spec.options.get("latency_s", 0.0)))
+                         float(spec.options.get("latency_s", 0.0)),
+                         None if top is None else float(top))
 
 
 register_provider("scripted", _from_spec)
@@ -175,3 +192,33 @@ def research_lead(messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]]
         else:
             lines.append(f"* {r.get('task')}: sub-agent {r.get('status')}: {r.get('error', '')}")
     return ChatMessage(role="assistant", content="\n".join(lines))
+
+
+# -- fan-out: a tree of sub-agents of a given width and depth (tests, benchmarks) ----------
+
+
+def fanout_task(width: int, depth: int, label: str) -> str:
+    return f"fanout {width} {depth} {label}"
+
+
+@policy("fanout")
+def fanout(messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]]) -> ChatMessage:
+    """Task "fanout W D label": with D > 0, delegate W tasks of depth D - 1 and wait for all;
+    a leaf (D = 0) thinks once (a `remember`, which takes another model turn), then answers."""
+    words = _task(messages).split()
+    width, depth, label = int(words[1]), int(words[2]), words[3]
+    turns = [m for m in messages if m.role == "assistant"]
+    if depth > 0:
+        if not turns:
+            tasks = [fanout_task(width, depth - 1, f"{label}.{i}") for i in range(width)]
+            return ChatMessage(role="assistant", content=f"delegating {width}",
+                               tool_calls=(ToolCallRequest(id="d", name="delegate",
+                                                           arguments={"tasks": tasks}),))
+        results = [r for m in messages if m.role == "tool" and m.name == "delegate"
+                   and m.content.startswith("{") for r in json.loads(m.content)["results"]]
+        ok = sum(1 for r in results if r["status"] == "finished")
+        return ChatMessage(role="assistant", content=f"{label}: {ok}/{width} sub-agents answered")
+    if not turns:
+        return ChatMessage(role="assistant", content="thinking", tool_calls=(ToolCallRequest(
+            id="n", name="remember", arguments={"key": label, "value": "leaf"}),))
+    return ChatMessage(role="assistant", content=f"{label}: leaf answer")

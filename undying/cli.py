@@ -119,6 +119,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     ud = _client()
+    if args.run and args.tree:
+        rows = [{"depth": depth, "run_id": i.run_id, "status": i.status, "step": i.step,
+                 "epoch": i.epoch, "agent": i.agent, "reason": i.reason}
+                for depth, i in ud.tree(args.run)]
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        for r in rows:
+            name = r["run_id"] if r["depth"] == 0 else r["run_id"].rsplit(".", 1)[-1]
+            print(f"{'  ' * r['depth']}{name:<{max(8, 40 - 2 * r['depth'])}} {r['status']:<11} "
+                  f"step {r['step']:4d}  {str(r['reason'])[:50]}")
+        print(f"{len(rows)} runs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        return 0
     if args.run:
         info = ud.info(args.run)
         row = {"run_id": info.run_id, "status": info.status, "step": info.step,
@@ -202,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="one run, or every run")
     s.add_argument("run", nargs="?")
     s.add_argument("--state", help="only runs in this state")
+    s.add_argument("--tree", action="store_true", help="the run and every sub-agent below it")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
 

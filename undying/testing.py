@@ -23,6 +23,7 @@ __all__ = [
     "RecordingStore",
     "ScriptedModel",
     "SimulatedCrash",
+    "fanout_agent",
     "policy",
     "resume_inline",
     "run_inline",
@@ -149,3 +150,24 @@ def _poison_policy(messages: Any, tools: Any) -> Any:
 
 
 poison_agent = _make_poison_agent()
+
+
+def fanout_agent(latency_s: float = 0.0, latency_max_s: float | None = None,
+                 max_children: int = 5000, max_depth: int = 3) -> Agent:
+    """A tree of sub-agents (scripted policy ``fanout``): give it the task
+    ``undying.actors.scripted.fanout_task(width, depth, label)``. Every run of the tree makes
+    its model calls with the given simulated latency."""
+    from undying.actors import Agent as _Agent
+    from undying.actors import Budgets, ModelSpec
+
+    options: dict[str, Any] = {"latency_s": latency_s}
+    if latency_max_s is not None:
+        options["latency_max_s"] = latency_max_s
+    spec = ModelSpec(provider="scripted", name="fanout", options=options)
+    return _Agent("fanout", version="1", model=spec, subagent="undying.testing:fanout",
+                  subagent_model=spec, budgets=Budgets(max_children=max_children,
+                                                       max_depth=max_depth, max_steps=10_000),
+                  ref="undying.testing:fanout")
+
+
+fanout = fanout_agent()

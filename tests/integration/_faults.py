@@ -9,7 +9,7 @@ from typing import Any
 
 from undying import Undying
 from undying.actors.pool import executor_name, shutdown_pool
-from undying.persistence import TERMINAL
+from undying.persistence import TERMINAL, RunNotFound
 
 TASK = "How do fencing tokens stop zombie writers, and what does appendfsync always guarantee?"
 
@@ -44,7 +44,12 @@ def while_active(ud: Undying, run_id: str, timeout: float = 60) -> dict[str, Any
         info = ud.actor_info(run_id)
         if info is not None and info["pid"]:
             return info
-        if ud.info(run_id).status in TERMINAL:
+        try:
+            status = ud.info(run_id).status
+        except RunNotFound:  # a child whose spawn is committed but not yet relayed
+            time.sleep(0.01)
+            continue
+        if status in TERMINAL:
             raise AssertionError(f"run {run_id} ended before a host could be caught holding it")
         time.sleep(0.005)
     raise AssertionError(f"run {run_id} was never active")

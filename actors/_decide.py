@@ -101,7 +101,11 @@ def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
         if not _is_pending(state, msg.effect_id):
             return state, []
         pending = {k: v for k, v in state.pending.items() if k != msg.effect_id}
-        return _advance(state, status="failed", pending=pending,
+        usage = state.usage.model_copy(update={"retries": state.usage.retries + len(msg.retries)})
+        if msg.malformed:
+            return _model_error(state, list(state.conversation), pending, usage,
+                                f"your last reply could not be used: {msg.error}")
+        return _advance(state, status="failed", pending=pending, usage=usage,
                         error=f"model call failed: {msg.error}"), []
     if isinstance(msg, ToolResult):
         if not _is_pending(state, msg.effect_id):
@@ -207,7 +211,8 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
     pending = {k: v for k, v in state.pending.items() if k != msg.effect_id}
     u = state.usage
     usage = Usage(model_calls=u.model_calls + 1, tool_calls=u.tool_calls,
-                  tokens_in=u.tokens_in + msg.tokens_in, tokens_out=u.tokens_out + msg.tokens_out)
+                  tokens_in=u.tokens_in + msg.tokens_in, tokens_out=u.tokens_out + msg.tokens_out,
+                  cost_usd=u.cost_usd + msg.cost_usd, retries=u.retries + len(msg.retries))
     reply = msg.message
     convo = [*state.conversation, reply]
 
@@ -316,9 +321,11 @@ def _delegate(state: RunState, d: Delegation, tc: ToolCallRequest, step: int,
             agent_version=ctx.subagent_version, budgets=caps, depth=ctx.depth + 1,
             deadline_ms=ctx.deadline_ms, model=ctx.subagent_model))
         for cid, task in zip(children, tasks, strict=True)]
+    gid = f"d{step}.{index}"
     d = d.model_copy(update={
         "pending": {**d.pending, **dict(zip(children, tasks, strict=True))},
-        "groups": {**d.groups, f"d{step}.{index}": group},
+        "groups": {**d.groups, gid: group},
+        "group_of": {**d.group_of, **dict.fromkeys(children, gid)},
         "spawned": d.spawned + len(tasks),
     })
     return None, d, spawns
@@ -369,33 +376,39 @@ def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Eff
     })
     convo = state.conversation
     effects: list[Effect] = []
-    groups = dict(d.groups)
     resolved_now = False
-    for gid, g in sorted(d.groups.items()):
-        if g.resolved or child not in g.children:
-            continue
-        ended = [c for c in d.order if c in g.children]
-        finished = [c for c in ended if d.done[c] == "finished"]
-        if len(finished) < g.need and len(ended) < len(g.children):
-            continue
-        report = finished[: g.need] if len(finished) >= g.need else ended
-        rest = [c for c in g.children if c not in d.done]
-        tasks = dict(zip(g.children, g.tasks, strict=True))
-        content = json.dumps({
-            "results": [{"run_id": c, "task": tasks[c], "status": d.done[c],
-                         ("answer" if d.done[c] == "finished" else "error"): d.results[c]}
-                        for c in report],
-            "cancelled": rest if g.cancel_rest else [],
-            "still_running": [] if g.cancel_rest else rest,
-        })
-        convo = (*convo, ChatMessage(role="tool", content=content, tool_call_id=g.call_id,
-                                     name="delegate"))
-        groups[gid] = g.model_copy(update={"resolved": True})
-        resolved_now = True
-        if g.cancel_rest:
-            why = f"parent {state.run_id} has the {g.need} result(s) it waited for"
-            effects += [SendMessage(to=c, message=Cancel(id=f"cancel:{c}", reason=why))
-                        for c in rest]
+    gid = d.group_of.get(child)
+    g = d.groups.get(gid) if gid is not None else None
+    if g is not None and not g.resolved:
+        # counted as results come, so a group of thousands costs O(1) per result; the
+        # report below walks the group once, when it resolves
+        g = g.model_copy(update={"ended": g.ended + 1,
+                                 "finished": g.finished + (msg.status == "finished")})
+        if g.finished >= g.need or g.ended == len(g.children):
+            members = set(g.children)
+            ended = [c for c in d.order if c in members]
+            finished = [c for c in ended if d.done[c] == "finished"]
+            report = finished[: g.need] if len(finished) >= g.need else ended
+            rest = [c for c in g.children if c not in d.done]
+            tasks = dict(zip(g.children, g.tasks, strict=True))
+            content = json.dumps({
+                "results": [{"run_id": c, "task": tasks[c], "status": d.done[c],
+                             ("answer" if d.done[c] == "finished" else "error"): d.results[c]}
+                            for c in report],
+                "cancelled": rest if g.cancel_rest else [],
+                "still_running": [] if g.cancel_rest else rest,
+            })
+            convo = (*convo, ChatMessage(role="tool", content=content, tool_call_id=g.call_id,
+                                         name="delegate"))
+            g = g.model_copy(update={"resolved": True})
+            resolved_now = True
+            if g.cancel_rest:
+                why = f"parent {state.run_id} has the {g.need} result(s) it waited for"
+                effects += [SendMessage(to=c, message=Cancel(id=f"cancel:{c}", reason=why))
+                            for c in rest]
+        groups = {**d.groups, gid: g}
+    else:
+        groups = d.groups
     d = d.model_copy(update={"groups": groups})
     if (resolved_now and not _waiting_for_children(d)
             and not any(p.kind == "tool" for p in state.pending.values())):

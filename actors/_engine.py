@@ -25,6 +25,7 @@ from undying.persistence import (
     CheckpointStore,
     Commit,
     CorruptCheckpoint,
+    NeedsUpgrade,
     RunExists,
     RunNotFound,
     UndyingError,
@@ -137,6 +138,8 @@ def load_state(store: CheckpointStore, run_id: str) -> tuple[RunState, Any]:
             raise CorruptCheckpoint(
                 run_id, f"state is at step {state.step} of {state.run_id!r}, "
                         f"index says step {loaded.step} of {run_id!r}")
+    except NeedsUpgrade:
+        raise  # written by a newer undying: not corrupt, this node is old
     except CorruptCheckpoint as exc:
         store.quarantine(run_id, exc.reason)
         raise
@@ -418,6 +421,8 @@ def _summary(s: RunState, kind: str) -> str:
     if s.status in TERMINAL:
         return f"{s.status}: {s.error or ''}"[:300]
     last = s.conversation[-1] if s.conversation else None
+    if kind == "model_reply":
+        last = next((m for m in reversed(s.conversation) if m.role == "assistant"), None)
     if kind == "model_reply" and last is not None:
         names = [c.name for c in last.tool_calls]
         if "delegate" in names:

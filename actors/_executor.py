@@ -26,7 +26,7 @@ from typing import Any
 from undying.persistence import UndyingError, plain
 
 from ._agent import load_agent
-from ._models import Model, ModelRequest, build_model
+from ._models import MalformedOutput, Model, ModelRequest, build_model
 from ._state import (
     ChatMessage,
     EffectLost,
@@ -78,7 +78,8 @@ class Executor:
         self.name = name
         self.incarnation = incarnation or uuid.uuid4().hex[:10]
         self.claim_lease_ms = claim_lease_ms
-        self.model_factory = model_factory or build_model
+        self.model_factory = model_factory or self._build_model
+        self.limiter: Any = None  # made on first use, in the loop that uses it
         self.ledger = ledger if ledger is not None else store
         # in-process runs with concurrency 1: keep the slot until the result is committed,
         # so no call starts before the previous one's result is durable
@@ -153,6 +154,17 @@ class Executor:
 
     # -- calls --------------------------------------------------------------------
 
+    def _build_model(self, spec: ModelSpec) -> Model:
+        """Providers share one rate limiter per executor, in the store's Redis (a cluster-wide
+        bucket per provider and key), when the spec asks for limits."""
+        url = getattr(self.store, "url", None)
+        wants = any(k in spec.options for k in ("rpm", "tpm"))
+        if self.limiter is None and url and wants:
+            from undying.persistence.ratelimit import RedisRateLimiter
+
+            self.limiter = RedisRateLimiter(url)
+        return build_model(spec, limiter=self.limiter if wants else None)
+
     def _model_for(self, spec: ModelSpec) -> Model:
         key = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
         model = self.models.get(key)
@@ -171,11 +183,16 @@ class Executor:
             # whatever a provider sent must be storable, or the step would redo forever
             reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
             return ModelReply(id=f"reply:{eid}:{req.attempt}", effect_id=eid, message=reply,
-                              tokens_in=resp.tokens_in, tokens_out=resp.tokens_out)
+                              tokens_in=resp.tokens_in, tokens_out=resp.tokens_out,
+                              cost_usd=getattr(resp, "cost_usd", 0.0),
+                              retries=_retries(getattr(resp, "retries", ())))
         except Exception as exc:  # a provider fault is data for the loop, not a crash
             self.stats["failed"] += 1
             return ModelFailed(id=f"failed:{eid}:{req.attempt}", effect_id=eid,
-                               error=f"{type(exc).__name__}: {exc}")
+                               error=f"{type(exc).__name__}: {exc}"[:2000],
+                               retryable=bool(getattr(exc, "retryable", False)),
+                               malformed=isinstance(exc, MalformedOutput),
+                               retries=_retries(getattr(exc, "retries", ())))
 
     async def _tool(self, req: EffectRequest) -> Message:
         eid = req.effect_id
@@ -236,6 +253,11 @@ class Executor:
                         reason=f"{reason} (executor {self.name}#{inc})")
         self.store.executor_forget(self.name, lost)
         return len(lost)
+
+
+def _retries(records: Iterable[Any]) -> tuple[dict[str, Any], ...]:
+    """Retry records as plain data for the run's history (they hold no secret)."""
+    return tuple(plain(r.to_dict() if hasattr(r, "to_dict") else dict(r)) for r in records)
 
 
 def rec_started(record: str) -> bool:

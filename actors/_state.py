@@ -43,6 +43,8 @@ class Usage(Strict):
     tool_calls: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    cost_usd: float = 0.0
+    retries: int = 0  # failed model call attempts that were retried
 
     @property
     def tokens(self) -> int:
@@ -131,6 +133,8 @@ class DelegationGroup(Strict):
     need: int  # all, any (1) or the first K
     cancel_rest: bool = True  # once resolved, cancel the children still running
     resolved: bool = False
+    ended: int = 0  # children that ended, in any status
+    finished: int = 0  # children that finished with an answer
 
 
 class Delegation(Strict):
@@ -140,6 +144,7 @@ class Delegation(Strict):
     done: dict[str, str] = Field(default_factory=dict)  # child run id -> status
     results: dict[str, str] = Field(default_factory=dict)  # child run id -> answer
     groups: dict[str, DelegationGroup] = Field(default_factory=dict)  # group id -> group
+    group_of: dict[str, str] = Field(default_factory=dict)  # child run id -> group id
     order: tuple[str, ...] = ()  # children in the order their results arrived
     spawned: int = 0  # children spawned in all (the fan-out budget)
     tokens: int = 0  # tokens used by finished children and their subtrees
@@ -205,6 +210,9 @@ class ModelReply(Strict):
     message: ChatMessage
     tokens_in: int = 0
     tokens_out: int = 0
+    cost_usd: float = 0.0
+    # what it took: failed attempts retried (429s, 5xx, timeouts), each a small plain record
+    retries: tuple[dict[str, Any], ...] = ()
 
 
 class ModelFailed(Strict):
@@ -213,6 +221,9 @@ class ModelFailed(Strict):
     effect_id: str
     error: str
     retryable: bool = False
+    # the provider answered, but unusably: the model is told what was wrong (up to a limit)
+    malformed: bool = False
+    retries: tuple[dict[str, Any], ...] = ()
 
 
 class ToolResult(Strict):

@@ -6,6 +6,7 @@ from ._delta import diff as diff_states
 from ._errors import (
     CorruptCheckpoint,
     Fenced,
+    NeedsUpgrade,
     Quarantined,
     RecordTooLarge,
     RecordUnencodable,
@@ -44,6 +45,7 @@ __all__ = [
     "InboxEntry",
     "Loaded",
     "MemoryStore",
+    "NeedsUpgrade",
     "Quarantined",
     "RecordTooLarge",
     "RecordUnencodable",

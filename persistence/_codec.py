@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import BaseModel, ValidationError
 
-from ._errors import CorruptCheckpoint, RecordTooLarge, RecordUnencodable
+from ._errors import CorruptCheckpoint, NeedsUpgrade, RecordTooLarge, RecordUnencodable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_RECORD_BYTES = 32 << 20
 
 M = TypeVar("M", bound=BaseModel)
@@ -25,6 +25,18 @@ M = TypeVar("M", bound=BaseModel)
 # Released versions keep a golden file under tests/golden so a migration that
 # breaks old data fails a test, not a user.
 MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def _v1_to_v2(data: Any) -> Any:
+    """v2 only adds fields, all with defaults (delegation groups, dispatch attempts, costs,
+    retries, depth and deadline, new message kinds), and lets delta ops name dotted paths
+    into nested models. A v1 record reads as it is; a v1 reader refuses a v2 record and says
+    to upgrade, rather than misreading it."""
+    return data
+
+
+for _kind in ("snapshot", "delta", "event", "message", "outbox"):
+    MIGRATIONS[(_kind, 1)] = _v1_to_v2
 
 
 def pack(kind: str, data: Any, *, run_id: str = "?", limit: int = MAX_RECORD_BYTES) -> bytes:
@@ -86,7 +98,7 @@ def unpack(kind: str, raw: bytes, *, run_id: str, limit: int = MAX_RECORD_BYTES)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptCheckpoint(run_id, f"{kind} record has an invalid version {version!r}")
     if version > SCHEMA_VERSION:
-        raise CorruptCheckpoint(
+        raise NeedsUpgrade(
             run_id,
             f"{kind} record has schema v{version}, this undying reads up to "
             f"v{SCHEMA_VERSION}: upgrade undying on every node",

@@ -6,7 +6,11 @@ updated copy-on-write (``model_copy(update=...)``, ``[*old, new]``,
 therefore compares by identity and dumps only what is new: an appended
 message is written once, never the conversation it joins.
 
-Ops, each a small list so msgpack keeps them compact:
+Nested models are diffed field by field too, so a change deep in a large
+sub-model (a sub-agent ledger of thousands of children) writes only itself.
+
+Ops, each a small list so msgpack keeps them compact; ``field`` is a name, or
+a dotted path into nested models ("delegation.done"):
   ["a", field, [items...]]          append to a list field
   ["m", field, {key: value}, [gone]] merge into a dict field, drop keys
   ["s", field, value]               set a field
@@ -39,15 +43,19 @@ def _dump(value: Any) -> Any:
 _MISSING = object()
 
 
-def diff(old: BaseModel, new: BaseModel) -> list[Op]:
+def diff(old: BaseModel, new: BaseModel, prefix: str = "") -> list[Op]:
     """The ops that turn ``old`` into ``new``, for fields of one model class."""
     if type(old) is not type(new):
         raise TypeError(f"cannot diff {type(old).__name__} against {type(new).__name__}")
     ops: list[Op] = []
-    for name in type(new).model_fields:
-        a = getattr(old, name)
-        b = getattr(new, name)
+    for field in type(new).model_fields:
+        a = getattr(old, field)
+        b = getattr(new, field)
         if a is b:
+            continue
+        name = prefix + field
+        if isinstance(a, BaseModel) and type(a) is type(b):
+            ops.extend(diff(a, b, name + "."))
             continue
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(b) >= len(a):
             # a C-level prefix compare: identity short-circuits each element
@@ -69,8 +77,16 @@ def diff(old: BaseModel, new: BaseModel) -> list[Op]:
 
 def apply(data: dict[str, Any], ops: list[Op]) -> dict[str, Any]:
     """Apply ops to a plain-data state in place and return it."""
+    root = data
     for op in ops:
-        kind, name = op[0], op[1]
+        kind, path = op[0], op[1]
+        data = root
+        *parents, name = path.split(".") if isinstance(path, str) else [path]
+        for p in parents:
+            nxt = data.get(p)
+            if not isinstance(nxt, dict):
+                nxt = data[p] = {}
+            data = nxt
         if kind == "a":
             data.setdefault(name, []).extend(op[2])
         elif kind == "m":
@@ -81,5 +97,5 @@ def apply(data: dict[str, Any], ops: list[Op]) -> dict[str, Any]:
         elif kind == "s":
             data[name] = op[2]
         else:
-            raise ValueError(f"unknown delta op {kind!r} on field {name!r}")
-    return data
+            raise ValueError(f"unknown delta op {kind!r} on field {path!r}")
+    return root

@@ -63,6 +63,16 @@ class CorruptCheckpoint(UndyingError):
         self.reason = reason
 
 
+class NeedsUpgrade(CorruptCheckpoint):
+    """A record written by a newer undying: nothing is wrong with it, this reader is old.
+    The run is not quarantined; upgrade undying on every node."""
+
+    def __init__(self, run_id: str, reason: str) -> None:
+        UndyingError.__init__(self, f"run {run_id!r}: {reason}")
+        self.run_id = run_id
+        self.reason = reason
+
+
 class RecordTooLarge(UndyingError):
     def __init__(self, run_id: str, size: int, limit: int) -> None:
         super().__init__(

@@ -200,6 +200,18 @@ class RedisActivation:
         v = self._retry(lambda: self.r.getdel(key) if clear else self.r.get(key))
         return "" if v is None else _s(v)
 
+    def census(self, prefix: str) -> dict[str, list[int]]:
+        """Runs whose id starts with ``prefix`` by status: [roots, sub-agents] (a sub-agent's
+        id is its parent's id, a dot, the parent's step...). For progress displays."""
+        out: dict[str, list[int]] = {}
+        for status in ("pending", "running", "waiting", "finished", "failed", "cancelled",
+                       "quarantined"):
+            counts = [0, 0]
+            for m in self.r.sscan_iter(f"ud:state:{status}", match=f"{prefix}*", count=1000):
+                counts[1 if "." in _s(m)[len(prefix):] else 0] += 1
+            out[status] = counts
+        return out
+
     # -- hosts -------------------------------------------------------------------
 
     def host_heartbeat(self, host: str, record: str) -> None:

@@ -372,6 +372,14 @@ class MemoryStore:
             run = self._runs.get(run_id)
             return run is not None and run.lease == "ready"
 
+    def census(self, prefix: str) -> dict[str, list[int]]:
+        with self._lock:
+            out = {s: [0, 0] for s in STATUSES}
+            for run_id, run in self._runs.items():
+                if run_id.startswith(prefix):
+                    out[str(run.meta["status"])][1 if "." in run_id[len(prefix):] else 0] += 1
+            return out
+
     def note_crash(self, run_id: str, reason: str) -> None:
         with self._lock:
             self._crashes[run_id] = reason[:500]

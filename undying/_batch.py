@@ -4,7 +4,8 @@ Run ids derive from the batch id and the line number, so a second invocation
 finds the runs the first one started: finished ones are not re-run (their
 results are written if they are missing from the output), unfinished ones are
 resumed from their checkpoints (or simply left to the supervisor, which is
-already bringing them back).
+already bringing them back). Sub-agents' ids derive from their roots' ids, so
+the whole batch is every run whose id starts with the batch id.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class BatchItem:
 
 @dataclass
 class BatchReport:
+    batch_id: str = ""
     items: int = 0
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
     finished: int = 0
@@ -39,6 +41,18 @@ class BatchReport:
     already_done: int = 0
     started: int = 0
     resumed: int = 0
+    running: int = 0  # roots active on a host right now
+    waiting: int = 0  # roots in flight, passivated (waiting for calls or sub-agents)
+    subagents_in_flight: int = 0
+    subagents_peak: int = 0
+    steps_per_s: float = 0.0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        done = self.finished + self.failed + self.already_done
+        return (f"{done}/{self.items} done  {self.running} running  {self.waiting} waiting  "
+                f"{self.failed} failed  {self.subagents_in_flight} sub-agents in flight  "
+                f"{self.steps_per_s:.0f} steps/s")
 
 
 def batch_id_for(questions: Path, out: Path) -> str:
@@ -82,11 +96,11 @@ def _written(out: Path) -> set[str]:
 
 
 def run_batch(ud: Any, agent: Agent, questions: Path, out: Path, *, concurrency: int = 8,
-              progress: TextIO | None = sys.stderr, poll_s: float = 0.2,
+              progress: TextIO | None = sys.stderr, poll_s: float = 0.25,
               on_tick: Callable[[BatchReport], None] | None = None) -> BatchReport:
     batch_id = batch_id_for(questions, out)
     items, bad = parse_questions(questions.read_text(), batch_id)
-    report = BatchReport(items=len(items), bad_lines=bad)
+    report = BatchReport(batch_id=batch_id, items=len(items), bad_lines=bad)
     for n, why in bad:
         print(f"{questions.name}:{n}: skipped: {why}", file=progress or sys.stderr)
     written = _written(out)
@@ -94,7 +108,7 @@ def run_batch(ud: Any, agent: Agent, questions: Path, out: Path, *, concurrency:
     report.already_done = len(items) - len(todo)
     in_flight: dict[str, tuple[BatchItem, float]] = {}
     t0 = time.monotonic()
-    steps_at_start = None
+    steps0 = ud.store.counters().get("steps_total", 0)
     with out.open("a") as sink:
         while todo or in_flight:
             while todo and len(in_flight) < concurrency:
@@ -110,20 +124,30 @@ def run_batch(ud: Any, agent: Agent, questions: Path, out: Path, *, concurrency:
                         report.finished += 1
                     else:
                         report.failed += 1
-            steps = ud.store.counters().get("steps_total", 0)
-            steps_at_start = steps if steps_at_start is None else steps_at_start
+            _census(ud, report, batch_id, steps0, t0)
             if progress is not None:
-                rate = (steps - steps_at_start) / max(1e-6, time.monotonic() - t0)
-                done = report.finished + report.failed + report.already_done
-                print(f"\r{done}/{report.items} done  {len(in_flight)} running  "
-                      f"{report.failed} failed  {rate:.0f} steps/s", end="", file=progress)
+                print(f"\r{report.line()}   ", end="", file=progress, flush=True)
             if on_tick is not None:
                 on_tick(report)
             if in_flight:
                 time.sleep(poll_s)
+    _census(ud, report, batch_id, steps0, t0)
     if progress is not None:
-        print(file=progress)
+        print(f"\r{report.line()}   ", file=progress)
     return report
+
+
+def _census(ud: Any, report: BatchReport, batch_id: str, steps0: int, t0: float) -> None:
+    census = getattr(ud.store, "census", None)
+    if census is not None:
+        c = census(batch_id)
+        report.running = c["running"][0]
+        report.waiting = c["waiting"][0] + c["pending"][0]
+        report.subagents_in_flight = sum(c[s][1] for s in ("pending", "running", "waiting"))
+        report.subagents_peak = max(report.subagents_peak, report.subagents_in_flight)
+    report.seconds = time.monotonic() - t0
+    steps = ud.store.counters().get("steps_total", 0) - steps0
+    report.steps_per_s = steps / max(1e-6, report.seconds)
 
 
 def _launch(ud: Any, agent: Agent, it: BatchItem, report: BatchReport) -> None:
@@ -141,10 +165,11 @@ def _write(ud: Any, sink: TextIO, it: BatchItem, duration_s: float) -> None:
     try:
         res = ud.wait(it.run_id, timeout=5)
         restarts = sum(1 for e in ud.history(it.run_id) if e.kind == "restart")
+        subagents = len(ud.state(it.run_id).delegation.done)
     except RunNotFound:
         return
     row = {"run_id": it.run_id, "line": it.line, "id": it.key, "status": res.status,
            "answer": res.answer, "error": res.error, "steps": res.steps, "tokens": res.tokens,
-           "duration_s": round(duration_s, 3), "restarts": restarts}
+           "subagents": subagents, "duration_s": round(duration_s, 3), "restarts": restarts}
     sink.write(json.dumps(row) + "\n")
     sink.flush()

@@ -15,11 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_AGENT = "undying.actors.research:agent"
+LEAD_AGENT = "undying.actors.research:lead"
 
 DEMO_QUESTIONS = [
     "How do fencing tokens stop zombie writers, and what is a lease?",
     "What does appendfsync always guarantee, and what can everysec lose?",
     "What is full jitter in exponential back-off, and how does Retry-After help?",
+    "What is a transactional outbox, and how do idempotency keys prevent duplicates?",
+    "How does a token bucket limit requests, and what is an OTP supervision tree?",
+    "What do Ray actors offer LLM agents, and what is the actor model?",
 ]
 
 
@@ -34,42 +38,46 @@ def _fmt_ms(ms: float) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from undying.actors import StepEvent
-    from undying.actors.research import agent, slow_agent
-    from undying.persistence import decode
+    """A small batch: research leads over the bundled corpus, each with research sub-agents."""
+    from pathlib import Path
 
+    from undying._batch import run_batch
+    from undying.actors.research import slow_lead
+    from undying.cluster import Settings
+
+    settings = Settings.from_env()
+    folder = Path(settings.home) / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    questions, out = folder / f"questions-{stamp}.jsonl", folder / f"results-{stamp}.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i + 1}", "question": q}) + "\n"
+                                 for i, q in enumerate(DEMO_QUESTIONS[: args.questions])))
     ud = _client()
-    use = slow_agent(args.latency) if args.latency > 0 else agent
-    print(f"undying demo: research agent (offline scripted model) on the bundled corpus; "
-          f"Redis {ud.redis_url.split('@')[-1]}")
+    print(f"undying demo: a batch of {args.questions} research questions over the bundled corpus;"
+          f" each lead delegates its sub-questions to research sub-agents (offline scripted "
+          f"model, {args.latency:g}s per model call). Redis {ud.redis_url.split('@')[-1]}")
+    print(f"  questions: {questions}")
     t0 = time.monotonic()
-    handles = [ud.start(use, q) for q in DEMO_QUESTIONS[: args.questions]]
-    for h, q in zip(handles, DEMO_QUESTIONS, strict=False):
-        print(f"  started {h.run_id}: {q}")
-    afters = {h.run_id: "0-0" for h in handles}
-    done: dict[str, Any] = {}
-    while len(done) < len(handles):
-        for h in handles:
-            if h.run_id in done:
-                continue
-            events = ud.store.read_events(h.run_id, afters[h.run_id], 100, block_ms=200)
-            for entry in events:
-                afters[h.run_id] = entry.entry_id
-                ev = decode("event", StepEvent, entry.data, run_id=h.run_id)
-                print(f"  {h.run_id} step {ev.step:3d} {ev.kind:<12} {ev.summary[:60]}")
-                if ev.status in ("finished", "failed", "cancelled", "quarantined"):
-                    done[h.run_id] = ev
-        if time.monotonic() - t0 > args.timeout:
-            print(f"undying: error: demo did not finish in {args.timeout}s", file=sys.stderr)
-            return 1
+    try:
+        report = run_batch(ud, slow_lead(args.latency), questions, out,
+                           concurrency=args.concurrency)
+    except KeyboardInterrupt:
+        print(f"\nundying: demo stopped; continue it with: undying batch {questions} --out {out}",
+              file=sys.stderr)
+        return 130
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
     print()
-    for h in handles:
-        res = h.result()
-        print(f"== {h.run_id} ({res.status}, {res.steps} steps, {res.tool_calls} tool calls)")
-        print(res.answer or res.error)
+    for r in sorted(rows, key=lambda r: r["line"]):
+        print(f"== {r['id']} {r['run_id']} ({r['status']}, {r['steps']} steps, "
+              f"{r['subagents']} sub-agents, {r['duration_s']:.1f}s)")
+        print(r["answer"] or r["error"])
         print()
-    print(f"done in {time.monotonic() - t0:.1f}s. Try: undying history {handles[0].run_id}")
-    return 0
+    print(f"done in {time.monotonic() - t0:.1f}s: {report.finished} finished, {report.failed} "
+          f"failed; at most {report.subagents_peak} sub-agents in flight. Results: {out}")
+    if rows:
+        print(f"Try: undying status {rows[0]['run_id']} --tree   or   undying history "
+              f"{rows[0]['run_id']}")
+    return 0 if report.failed == 0 else 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -97,11 +105,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from undying._batch import run_batch
     from undying.actors import load_agent
-    from undying.actors.research import slow_agent
+    from undying.actors.research import slow_agent, slow_lead
 
     ud = _client()
-    agent = slow_agent(args.latency) if args.latency > 0 and args.agent == DEFAULT_AGENT \
-        else load_agent(args.agent)
+    if args.latency > 0 and args.agent == LEAD_AGENT:
+        agent = slow_lead(args.latency)
+    elif args.latency > 0 and args.agent == DEFAULT_AGENT:
+        agent = slow_agent(args.latency)
+    else:
+        agent = load_agent(args.agent)
     questions, out = Path(args.questions), Path(args.out)
     if not questions.exists():
         print(f"undying: error: no file {questions}", file=sys.stderr)
@@ -113,7 +125,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
               "command again to continue.", file=sys.stderr)
         return 130
     print(f"{report.finished} finished, {report.failed} failed, {report.already_done} already "
-          f"done, {len(report.bad_lines)} bad lines skipped; results in {out}")
+          f"done, {len(report.bad_lines)} bad lines skipped, at most {report.subagents_peak} "
+          f"sub-agents in flight; results in {out}")
     return 0 if report.failed == 0 else 2
 
 
@@ -192,10 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="undying", description="Durable execution for AI agents.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="run the research agent on the bundled corpus")
-    d.add_argument("--questions", type=int, default=3)
-    d.add_argument("--latency", type=float, default=0.2, help="simulated model latency, seconds")
-    d.add_argument("--timeout", type=float, default=120.0)
+    d = sub.add_parser("demo", help="a small batch of research questions, with sub-agents")
+    d.add_argument("--questions", type=int, default=len(DEMO_QUESTIONS))
+    d.add_argument("--latency", type=float, default=1.0, help="simulated model latency, seconds")
+    d.add_argument("--concurrency", type=int, default=3, help="questions in flight at once")
     d.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("run", help="start a run of an agent on a task")
@@ -210,9 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="one run per line of a JSONL file; resumable")
     b.add_argument("questions", help='JSONL, one {"question": ..., "id": ...} per line')
     b.add_argument("--out", required=True, help="results JSONL (appended as runs finish)")
-    b.add_argument("--concurrency", type=int, default=8)
-    b.add_argument("--agent", default=DEFAULT_AGENT)
-    b.add_argument("--latency", type=float, default=0.0, help="simulated model latency (demo agent)")
+    b.add_argument("--concurrency", type=int, default=8, help="root runs in flight at once")
+    b.add_argument("--agent", default=LEAD_AGENT,
+                   help="importable agent, module:attribute (default: the research lead, which "
+                        "delegates to research sub-agents)")
+    b.add_argument("--latency", type=float, default=0.0,
+                   help="simulated model latency of the built-in research agents, seconds")
     b.set_defaults(fn=cmd_batch)
 
     s = sub.add_parser("status", help="one run, or every run")

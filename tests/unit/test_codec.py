@@ -92,7 +92,7 @@ def test_run_state_round_trips() -> None:
     raw = encode("snapshot", s, run_id=RID)
     assert decode("snapshot", RunState, raw, run_id=RID) == s
     envelope = msgpack.unpackb(raw, raw=False)
-    assert envelope["v"] == SCHEMA_VERSION == 1 and envelope["k"] == "snapshot"
+    assert envelope["v"] == SCHEMA_VERSION == 2 and envelope["k"] == "snapshot"
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: m.type)
@@ -170,8 +170,8 @@ def test_an_unknown_field_is_refused() -> None:
     data["surprise"] = True
     assert "surprise" in _reject(_record(data)).reason
     data = rich_state().model_dump(mode="json")
-    data["usage"]["cost_usd"] = 1.0
-    assert "usage.cost_usd" in _reject(_record(data)).reason
+    data["usage"]["teleports"] = 1
+    assert "usage.teleports" in _reject(_record(data)).reason
 
 
 def test_an_unknown_message_type_is_refused() -> None:
@@ -201,35 +201,41 @@ def test_pack_over_the_limit_raises_record_too_large() -> None:
 
 
 def test_registered_migrations_lift_old_records(monkeypatch: pytest.MonkeyPatch) -> None:
-    v1 = encode("snapshot", rich_state(), run_id=RID)  # written by this (v1) codec
+    v2 = encode("snapshot", rich_state(), run_id=RID)  # written by this (v2) codec
     seen: list[int] = []
-
-    def v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
-        seen.append(1)
-        return {**d, "task": d["task"] + " [v2]"}
 
     def v2_to_v3(d: dict[str, Any]) -> dict[str, Any]:
         seen.append(2)
+        return {**d, "task": d["task"] + " [v3]"}
+
+    def v3_to_v4(d: dict[str, Any]) -> dict[str, Any]:
+        seen.append(3)
         return {**d, "memory": {**d["memory"], "migrated": "yes"}}
 
-    monkeypatch.setattr(codec, "SCHEMA_VERSION", 3)
-    monkeypatch.setitem(codec.MIGRATIONS, ("snapshot", 1), v1_to_v2)
+    monkeypatch.setattr(codec, "SCHEMA_VERSION", 4)
     monkeypatch.setitem(codec.MIGRATIONS, ("snapshot", 2), v2_to_v3)
-    s = decode("snapshot", RunState, v1, run_id=RID)
-    assert seen == [1, 2]
-    assert s.task == "what is fencing? [v2]" and s.memory["migrated"] == "yes"
-    # a v3 record is read as is; a v2 one starts at the second migration
+    monkeypatch.setitem(codec.MIGRATIONS, ("snapshot", 3), v3_to_v4)
+    s = decode("snapshot", RunState, v2, run_id=RID)
+    assert seen == [2, 3]
+    assert s.task == "what is fencing? [v3]" and s.memory["migrated"] == "yes"
+    # a v4 record is read as is; a v3 one starts at the second migration
     seen.clear()
     assert decode("snapshot", RunState, encode("snapshot", s), run_id=RID) == s and seen == []
-    v2 = _record(rich_state().model_dump(mode="json"), v=2)
-    assert decode("snapshot", RunState, v2, run_id=RID).memory["migrated"] == "yes" and seen == [2]
-    # migrations are per kind: an event of v1 has none
-    ev = _record({"step": 1, "kind": "k", "status": "running", "epoch": 1, "at_ms": 0}, v=1, k="event")
-    assert "no migration for event v1" in _reject(ev, "event", StepEvent).reason
+    v3 = _record(rich_state().model_dump(mode="json"), v=3)
+    assert decode("snapshot", RunState, v3, run_id=RID).memory["migrated"] == "yes" and seen == [3]
+    # a v1 record goes through every step, the real v1 -> v2 first
+    v1 = _record(rich_state().model_dump(mode="json"), v=1)
+    seen.clear()
+    assert decode("snapshot", RunState, v1, run_id=RID).task.endswith("[v3]") and seen == [2, 3]
+    # migrations are per kind: an event of v2 has none here
+    ev = _record({"step": 1, "kind": "k", "status": "running", "epoch": 1, "at_ms": 0}, v=2, k="event")
+    assert "no migration for event v2" in _reject(ev, "event", StepEvent).reason
 
 
 def test_migration_patches_are_gone_after_the_test() -> None:
-    assert codec.SCHEMA_VERSION == 1 and ("snapshot", 1) not in codec.MIGRATIONS
+    assert codec.SCHEMA_VERSION == 2 and ("snapshot", 2) not in codec.MIGRATIONS
+    assert all((kind, 1) in codec.MIGRATIONS
+               for kind in ("snapshot", "delta", "event", "message", "outbox"))
 
 
 # -- fuzz: nothing but CorruptCheckpoint --------------------------------------------------------

@@ -191,3 +191,26 @@ def test_one_step_of_memory_and_journal_writes_only_what_changed() -> None:
         "journal": {**old.journal, "t7": old.journal["t7"].model_copy(update={"status": "done"})}})
     delta = pack("delta", {"step": 1, "ops": diff_states(old, new)}, run_id=RID)
     assert len(delta) < 600, len(delta)
+
+
+def test_a_change_deep_in_a_nested_model_writes_only_itself() -> None:
+    """A sub-agent ledger of thousands of children: one result adds one entry per dict,
+    not the whole ledger."""
+    from undying.actors import RunState
+    from undying.actors._state import Context, Delegation
+
+    children = {f"root.2-{i}": f"task {i}" for i in range(2000)}
+    old = RunState(run_id="root", context=Context(agent_ref="m:a", agent_version="1"),
+                   delegation=Delegation(pending=children))
+    d = old.delegation
+    new = old.model_copy(update={"step": 1, "delegation": d.model_copy(update={
+        "pending": {k: v for k, v in d.pending.items() if k != "root.2-7"},
+        "done": {**d.done, "root.2-7": "finished"},
+        "order": (*d.order, "root.2-7")})})
+    ops = diff_states(old, new)
+    assert ["m", "delegation.pending", {}, ["root.2-7"]] in ops
+    assert ["m", "delegation.done", {"root.2-7": "finished"}, []] in ops
+    assert ["a", "delegation.order", ["root.2-7"]] in ops
+    assert len(pack("delta", {"ops": ops})) < 200
+    data = old.model_dump(mode="json")
+    assert RunState.model_validate(apply_delta(data, ops)) == new

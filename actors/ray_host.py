@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import threading
 import time
 import uuid
@@ -75,7 +76,7 @@ class RunHost:
         self.last_error = ""
         atexit.register(self._drain)
         self.store.host_heartbeat(self.hid, self._record())
-        for target in (self._serve, self._heartbeat, self._confirm):
+        for target in (self._serve, self._heartbeat, self._confirm, self._watch_executor):
             threading.Thread(target=target, name=f"{target.__name__}", daemon=True).start()
 
     # -- serving -------------------------------------------------------------------
@@ -184,6 +185,21 @@ class RunHost:
                         self._dispatch(reqs)
             elif not refs:
                 self.stopping.wait(0.05)
+
+    def _watch_executor(self) -> None:
+        """Keep this node's executor alive, supervisor or not: when it dies, make a new one,
+        whose boot reports the calls the dead one had claimed as lost."""
+        from .pool import get_executor
+
+        while not self.stopping.is_set():
+            try:
+                handle = get_executor(self.redis_url, self.namespace, self.node_id, self.options)
+                ray.get(handle.wait.remote())
+            except ray.exceptions.RayActorError:
+                self.executor = None
+                time.sleep(0.05 + random.random() * 0.2)  # the hosts of a node race to make it
+            except Exception:
+                time.sleep(1.0)
 
     # -- liveness ------------------------------------------------------------------
 

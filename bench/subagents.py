@@ -43,6 +43,9 @@ from typing import Any
 from . import _util as U
 
 
+ACTOR_KINDS: dict[str, int] = {}  # peak count of live actor processes, by class
+
+
 def _job_rss_and_actors() -> tuple[int, int]:
     import psutil
 
@@ -50,14 +53,19 @@ def _job_rss_and_actors() -> tuple[int, int]:
     procs = [me, *me.children(recursive=True)]
     rss = 0
     actors = 0
+    kinds: dict[str, int] = {}
     for p in procs:
         try:
             rss += p.memory_info().rss
             name = " ".join(p.cmdline()[:1])
             if name.startswith("ray::") and not name.startswith("ray::IDLE"):
                 actors += 1
+                kind = name[5:].split(".")[0].split()[0]
+                kinds[kind] = kinds.get(kind, 0) + 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    for k, n in kinds.items():
+        ACTOR_KINDS[k] = max(ACTOR_KINDS.get(k, 0), n)
     return rss, actors
 
 
@@ -146,7 +154,8 @@ def fan_out(ud: Any, roots: int, width: int, lat: float, lat_max: float,
             "latency_s": [lat, lat_max], "wall_s": round(wall, 2), "roots_ok": ok,
             "peak_in_flight": sampler.peak_in_flight,
             "peak_rss_gib": round(sampler.peak_rss / (1 << 30), 2),
-            "peak_actor_processes": sampler.peak_actors, "steps": steps,
+            "peak_actor_processes": sampler.peak_actors, "actor_kinds": dict(ACTOR_KINDS),
+            "steps": steps,
             "steps_per_s": round(steps / wall, 1),
             "subagents_per_s": round(roots * width / wall, 1),
             "spawn_ms_p50": round(statistics.median(lat_ms), 1),
@@ -271,7 +280,7 @@ def _print(out: dict[str, Any]) -> None:
         ["peak memory (RSS of every process of the job)", f"{fo['peak_rss_gib']} GiB",
          "target <= 8 GiB", "met" if fo["peak_rss_gib"] <= 8 else "NOT met"],
         ["peak live actor processes", str(fo["peak_actor_processes"]),
-         "hosts + executor + supervisor", ""],
+         ", ".join(f"{n} {k}" for k, n in sorted(fo.get("actor_kinds", {}).items())), ""],
         ["throughput", f"{fo['steps_per_s']} steps/s", f"{fo['subagents_per_s']} sub-agents/s", ""],
         ["spawn -> child's first step, p50 (quiet)", f"{out['spawn_quiet_ms']['p50']} ms",
          f"cold Ray actor start p50 {statistics.median(cold):.0f} ms",

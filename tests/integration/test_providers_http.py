@@ -153,11 +153,15 @@ def test_a_run_through_the_engine_matches_the_scripted_run(provider: str,
             "provider": provider, "base_url": spec(provider, server).base_url,
             "api_key": SecretRef(env=KEY_ENV)}))
 
-    want = run_inline(MemoryStore(), agent, TASK, run_id="same-id")
-    got = run_inline(MemoryStore(), agent, TASK, run_id="same-id", model_factory=over_http)
+    # one call at a time: concurrent tool results would enter the conversation in the
+    # order they happen to complete
+    want = run_inline(MemoryStore(), agent, TASK, run_id="same-id", effect_concurrency=1)
+    got = run_inline(MemoryStore(), agent, TASK, run_id="same-id", model_factory=over_http,
+                     effect_concurrency=1)
     assert got.status == want.status == "finished"
     assert got.conversation == want.conversation and got.result == want.result
-    assert got.usage == want.usage
+    # a loaded machine may time a call out and retry it: the tokens are the same
+    assert got.usage.model_copy(update={"retries": 0}) == want.usage
 
 
 # -- faults that end in a success after retries ---------------------------------------------
@@ -277,7 +281,13 @@ def test_persistent_faults_raise_errors_that_say_what_was_wrong(
     assert type(err) is cls and err.retryable is retryable and err.provider == provider
     want = text[provider] if isinstance(text, dict) else text
     assert str(err).startswith(f"{provider} model 'research'") and want in str(err)
-    assert err.attempts == requests == server.stats()["requests"]
+    assert err.attempts == requests
+    # the server counts a request once it has read it: on a loaded machine a client that
+    # gave up may be a moment ahead of that count
+    deadline = time.monotonic() + 5
+    while server.stats()["requests"] < requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.stats()["requests"] == requests
     if requests > 1:
         assert f"gave up after {requests} attempts" in str(err)
         assert len(err.retries) == requests - 1

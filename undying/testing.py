@@ -153,7 +153,8 @@ poison_agent = _make_poison_agent()
 
 
 def fanout_agent(latency_s: float = 0.0, latency_max_s: float | None = None,
-                 max_children: int = 5000, max_depth: int = 3) -> Agent:
+                 max_children: int = 5000, max_depth: int = 3,
+                 max_wall_s: float | None = None) -> Agent:
     """A tree of sub-agents (scripted policy ``fanout``): give it the task
     ``undying.actors.scripted.fanout_task(width, depth, label)``. Every run of the tree makes
     its model calls with the given simulated latency."""
@@ -166,7 +167,8 @@ def fanout_agent(latency_s: float = 0.0, latency_max_s: float | None = None,
     spec = ModelSpec(provider="scripted", name="fanout", options=options)
     return _Agent("fanout", version="1", model=spec, subagent="undying.testing:fanout",
                   subagent_model=spec, budgets=Budgets(max_children=max_children,
-                                                       max_depth=max_depth, max_steps=10_000),
+                                                       max_depth=max_depth, max_steps=10_000,
+                                                       max_wall_s=max_wall_s),
                   ref="undying.testing:fanout")
 
 

@@ -172,3 +172,19 @@ def test_cancel_a_root_cancels_its_whole_tree_and_nothing_keeps_running(
                          "--json"], env=env, capture_output=True, text=True, timeout=120)
     rows = json.loads(js.stdout)
     assert [r["depth"] for r in rows] == [0, 1, 2, 2, 1, 2, 2]
+
+
+def test_a_wall_time_budget_ends_the_tree_when_its_timer_fires(ud: Undying) -> None:
+    agent = fanout_agent(latency_s=3.0, max_wall_s=1.5)
+    t0 = time.monotonic()
+    h = ud.start(agent, fanout_task(2, 1, "w"))
+    res = h.result(timeout=60)
+    took = time.monotonic() - t0
+    assert res.status == "failed" and "wall time of 1.5s" in (res.error or ""), res.error
+    assert took < 6, f"the deadline fired {took:.1f}s after the start"
+    deadline = time.monotonic() + 20
+    while not all(i.status in TERMINAL for _, i in ud.tree(h.run_id)):
+        assert time.monotonic() < deadline, ud.tree(h.run_id)
+        time.sleep(0.05)
+    # the children inherit the deadline: each is cancelled or fails on it, none finishes
+    assert all(i.status in ("cancelled", "failed") for _, i in ud.tree(h.run_id)[1:])

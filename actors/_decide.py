@@ -26,6 +26,7 @@ import json
 from typing import Any
 
 from ._state import (
+    Approval,
     Budgets,
     CallModel,
     CallTool,
@@ -50,6 +51,7 @@ from ._state import (
     ToolCallRequest,
     ToolResult,
     Usage,
+    args_hash,
 )
 
 TERMINAL = frozenset({"finished", "failed", "cancelled", "quarantined"})
@@ -110,7 +112,11 @@ def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
     if isinstance(msg, ToolResult):
         if not _is_pending(state, msg.effect_id):
             return state, []
+        if msg.needs_approval:
+            return _await_approval(state, msg)
         return _tool_result(state, msg)
+    if isinstance(msg, Approval):
+        return _approval(state, msg)
     if isinstance(msg, ChildResult):
         return _child_result(state, msg)
     if isinstance(msg, EffectLost):
@@ -358,6 +364,41 @@ def _tool_result(state: RunState, msg: ToolResult) -> tuple[RunState, list[Effec
     if any(p.kind == "tool" for p in pending.values()) or _waiting_for_children(state.delegation):
         return _advance(state, journal=journal, pending=pending, conversation=convo), []
     return _call_model(state, journal=journal, pending=pending, conversation=convo)
+
+
+def _await_approval(state: RunState, msg: ToolResult) -> tuple[RunState, list[Effect]]:
+    """The tool did not run: record the request and wait (passivated) for a decision."""
+    eid = msg.effect_id
+    entry = state.journal[eid].model_copy(update={"status": "awaiting_approval"})
+    return _advance(state, status="waiting", journal={**state.journal, eid: entry}), []
+
+
+def _approval(state: RunState, msg: Approval) -> tuple[RunState, list[Effect]]:
+    eid = msg.call_id
+    entry = state.journal.get(eid)
+    p = state.pending.get(eid)
+    if entry is None or p is None or entry.status != "awaiting_approval":
+        return state, []  # a duplicate, or a call that is not waiting
+    if msg.args_hash != args_hash(entry.arguments):
+        return state, []  # approves other arguments: it does not carry over to these
+    record = {"decision": "approved" if msg.approved else "rejected", "by": msg.by,
+              "at_ms": msg.at_ms, "args_hash": msg.args_hash, "reason": msg.reason}
+    if msg.approved:
+        entry = entry.model_copy(update={"status": "intent", "approval": record})
+        pending = {**state.pending, eid: p.model_copy(update={"attempt": p.attempt + 1})}
+        new = _advance(state, status="running", journal={**state.journal, eid: entry},
+                       pending=pending)
+        return new, ([] if new.status in TERMINAL else [CallTool(effect_id=eid)])
+    why = f"rejected by {msg.by}" + (f": {msg.reason}" if msg.reason else "")
+    entry = entry.model_copy(update={"status": "error", "error": why, "approval": record})
+    pending = {k: v for k, v in state.pending.items() if k != eid}
+    tc = ToolCallRequest(id=entry.model_call_id, name=entry.tool, arguments=entry.arguments)
+    update = dict(journal={**state.journal, eid: entry}, pending=pending,
+                  conversation=(*state.conversation,
+                                _tool_msg(tc, f"error: the call was {why}; do not retry it")))
+    if any(q.kind == "tool" for q in pending.values()) or _waiting_for_children(state.delegation):
+        return _advance(state, status="running", **update), []
+    return _call_model(state, **update)
 
 
 def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Effect]]:

@@ -368,7 +368,8 @@ class RunEngine:
             snapshot=snapshot, events=(encode("event", event, run_id=rid),),
             outbox=outbox, seen=(seen_id,) if seen_id else (),
             effects=tuple((e.effect_id, new.pending[e.effect_id].attempt) for e in calls),
-            timers=tuple((e.timer_id, e.at_ms) for e in effects if isinstance(e, SetTimer))))
+            timers=tuple((e.timer_id, e.at_ms) for e in effects if isinstance(e, SetTimer)),
+            approvals=_approvals(self.state, new)))
         self.journal_bytes, self.snapshot_bytes = res.journal_bytes, res.snapshot_bytes
         self.state = new
         self.steps += 1
@@ -408,11 +409,29 @@ class RunEngine:
                     messages=state.conversation, tools=schemas))
             elif isinstance(e, CallTool):
                 entry = state.journal[e.effect_id]
+                approved = (entry.approval or {})
                 out.append(EffectRequest(
                     run_id=self.run_id, effect_id=e.effect_id, attempt=p.attempt, kind="tool",
                     agent_ref=ctx.agent_ref, agent_version=ctx.agent_version, tool=entry.tool,
-                    arguments=entry.arguments, key=entry.key))
+                    arguments=entry.arguments, key=entry.key,
+                    approved_hash=approved.get("args_hash", "")
+                    if approved.get("decision") == "approved" else ""))
         return out
+
+
+def _approvals(old: RunState, new: RunState) -> tuple[tuple[str, bool], ...]:
+    """Calls that started or stopped waiting for someone's decision in this step."""
+    if old.journal is new.journal and old.status == new.status:
+        return ()
+    out = []
+    ended = new.status in TERMINAL
+    for cid, e in new.journal.items():
+        was = old.journal.get(cid)
+        before = was is not None and was.status == "awaiting_approval"
+        now = e.status == "awaiting_approval" and not ended
+        if before != now:
+            out.append((cid, now))
+    return tuple(out)
 
 
 def _summary(s: RunState, kind: str) -> str:
@@ -435,7 +454,25 @@ def _summary(s: RunState, kind: str) -> str:
         return f"sub-agent ended ({len(d.done)} done, {len(d.pending)} pending)"
     if kind == "effect_lost":
         return "a call was lost with its executor: dispatched again or marked in doubt"
+    if kind == "tool_result" and s.status == "waiting":
+        waiting = [e for e in s.journal.values() if e.status == "awaiting_approval"]
+        if waiting:
+            e = waiting[-1]
+            return f"awaiting approval: {e.call_id} {e.tool} {_args(e.arguments)}"[:300]
+    if kind == "approval":
+        decided = [e for e in s.journal.values() if e.approval]
+        if decided:
+            e = max(decided, key=lambda x: x.approval["at_ms"])  # type: ignore[index]
+            a = e.approval or {}
+            return (f"{a.get('decision')} {e.call_id} ({e.tool}) by {a.get('by')}, args "
+                    f"{a.get('args_hash')}" + (f": {a['reason']}" if a.get("reason") else ""))[:300]
     if kind == "start":
         return f"task: {s.task[:200]}"
     return kind
+
+
+def _args(arguments: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(arguments, sort_keys=True)[:150]
 

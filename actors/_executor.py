@@ -36,6 +36,7 @@ from ._state import (
     ModelReply,
     ModelSpec,
     ToolResult,
+    args_hash,
 )
 from ._tools import ToolArgumentsError, ToolContext
 
@@ -58,6 +59,7 @@ class EffectRequest:
     tool: str = ""
     arguments: dict[str, Any] = field(default_factory=dict)
     key: str = ""
+    approved_hash: str = ""  # the arguments someone approved, when the tool needs approval
 
 
 def message_bytes(msg: Message, run_id: str) -> bytes:
@@ -209,6 +211,10 @@ class Executor:
                           config=agent.config)
         try:
             tool.validate(req.arguments)
+            if tool.needs_approval(req.arguments) and req.approved_hash != args_hash(req.arguments):
+                # not run: the run records the request and waits for a decision
+                return ToolResult(id=mid, effect_id=eid, needs_approval=True,
+                                  output=args_hash(req.arguments))
             if tool.side_effect == "at_most_once":
                 # from here on a crash leaves the call in doubt: it may have happened
                 self.store.fx_start(req.run_id, req.effect_id, req.attempt)

@@ -119,9 +119,20 @@ class JournalEntry(Strict):
     key: str
     side_effect: SideEffect
     step: int
-    status: Literal["intent", "done", "error", "in_doubt"] = "intent"
+    status: Literal["intent", "done", "error", "in_doubt", "awaiting_approval"] = "intent"
     result: str | None = None
     error: str | None = None
+    # the decision on a call that needed approval: decision, by, at_ms, args_hash, reason
+    approval: dict[str, Any] | None = None
+
+
+def args_hash(arguments: dict[str, Any]) -> str:
+    """What an approval approves: the exact arguments, canonical JSON, hashed."""
+    import hashlib
+    import json
+
+    canon = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 class DelegationGroup(Strict):
@@ -232,6 +243,21 @@ class ToolResult(Strict):
     effect_id: str
     output: str = ""
     error: str | None = None
+    # the tool did not run: it needs someone's approval of these exact arguments first
+    needs_approval: bool = False
+
+
+class Approval(Strict):
+    """Someone approved or rejected one tool call, for its exact arguments (their hash)."""
+
+    type: Literal["approval"] = "approval"
+    id: str
+    call_id: str
+    approved: bool
+    by: str
+    at_ms: int
+    args_hash: str
+    reason: str = ""
 
 
 class ChildResult(Strict):
@@ -274,7 +300,7 @@ class Timer(Strict):
 
 
 Message = Annotated[Start | ModelReply | ModelFailed | ToolResult | ChildResult | Cancel | Spawn
-                    | EffectLost | Timer, Field(discriminator="type")]
+                    | EffectLost | Timer | Approval, Field(discriminator="type")]
 
 
 class Envelope(Strict):

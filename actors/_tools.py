@@ -51,6 +51,17 @@ class Tool:
     args_model: type[BaseModel]
     side_effect: SideEffect = "idempotent"
     context_param: str | None = None
+    # None: never; "always"; or a rule on the validated arguments (True: ask someone first)
+    approval: str | Callable[[dict[str, Any]], bool] | None = None
+
+    def needs_approval(self, arguments: dict[str, Any]) -> bool:
+        if self.approval is None:
+            return False
+        if self.approval == "always":
+            return True
+        if callable(self.approval):
+            return bool(self.approval(self.validate(arguments)))
+        raise ValueError(f"tool {self.name!r}: approval must be None, 'always' or a callable")
 
     def schema(self) -> dict[str, Any]:
         params = self.args_model.model_json_schema()
@@ -80,11 +91,18 @@ class Tool:
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-         side_effect: SideEffect = "idempotent",
-         description: str | None = None) -> Any:
-    """Turn a typed function into a `Tool`. A parameter typed `ToolContext` gets the call's context."""
+         side_effect: SideEffect = "idempotent", description: str | None = None,
+         approval: str | Callable[[dict[str, Any]], bool] | None = None) -> Any:
+    """Turn a typed function into a `Tool`. A parameter typed `ToolContext` gets the call's context.
+
+    ``approval``: "always", or a function of the (validated) arguments that says whether
+    this call needs someone's approval; the run then waits, holding no process, until
+    `undying approve` or `undying reject`. An approval is for the exact arguments shown.
+    """
     if side_effect not in SIDE_EFFECTS:
         raise ValueError(f"side_effect must be one of {SIDE_EFFECTS}, not {side_effect!r}")
+    if approval is not None and approval != "always" and not callable(approval):
+        raise ValueError(f"approval must be None, 'always' or a callable, not {approval!r}")
 
     def wrap(f: Callable[..., Any]) -> Tool:
         hints = get_type_hints(f)
@@ -101,7 +119,8 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
             f"{f.__name__}_args", __config__=ConfigDict(extra="forbid"), **fields)
         doc = inspect.getdoc(f) or ""
         return Tool(name=name or f.__name__, description=description or doc.split("\n\n")[0],
-                    fn=f, args_model=model, side_effect=side_effect, context_param=ctx_param)
+                    fn=f, args_model=model, side_effect=side_effect, context_param=ctx_param,
+                    approval=approval)
 
     return wrap(fn) if fn is not None else wrap
 

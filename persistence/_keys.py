@@ -10,6 +10,7 @@ LEASES = "ud:leases"  # zset run -> lease expiry (ms) of runs a host holds
 READY = "ud:ready"  # list of runs queued for activation
 FX_DUE = "ud:fx:due"  # zset "run|effect" -> when its dispatch is due to be claimed or renewed
 TIMERS = "ud:timers"  # zset "run|timer" -> when it fires (ms)
+APPROVALS = "ud:approvals"  # zset "run|call" -> since when it waits for someone's decision (ms)
 HOSTS = "ud:hosts"  # hash host id -> "heartbeat ms|node|pid|run|epoch"
 
 

@@ -14,10 +14,11 @@ _TERMINAL = """
 local TERMINAL = {finished=true, failed=true, cancelled=true, quarantined=true}
 """
 
-# KEYS: meta snap journal events outbox seen index counters fx fxdue timers
+# KEYS: meta snap journal events outbox seen index counters fx fxdue timers approvals
 # ARGV: epoch step status now run_id delta snapshot n_events n_outbox n_seen nonce
-#       n_fx n_timers fx_timeout_ms
+#       n_fx n_timers fx_timeout_ms n_approvals
 #       events... (outbox id, envelope)... seen... (effect id, attempt)... (timer id, at)...
+#       (call id, 1 now waiting for approval | 0 no longer)...
 COMMIT = _TERMINAL + """
 local meta = KEYS[1]
 local cur = tonumber(redis.call('HGET', meta, 'epoch') or '-1')
@@ -54,8 +55,8 @@ if old ~= status then
   redis.call('HSET', KEYS[7], run, status)
 end
 local ne, no, ns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local nf, nt = tonumber(ARGV[12]), tonumber(ARGV[13])
-local i = 15
+local nf, nt, na = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[15])
+local i = 16
 for _ = 1, ne do
   redis.call('XADD', KEYS[4], '*', 'e', ARGV[i]); i = i + 1
 end
@@ -81,6 +82,11 @@ else
 end
 for _ = 1, nt do
   redis.call('ZADD', KEYS[11], tonumber(ARGV[i + 1]), run .. '|' .. ARGV[i]); i = i + 2
+end
+for _ = 1, na do
+  if ARGV[i + 1] == '1' then redis.call('ZADD', KEYS[12], now, run .. '|' .. ARGV[i])
+  else redis.call('ZREM', KEYS[12], run .. '|' .. ARGV[i]) end
+  i = i + 2
 end
 redis.call('HINCRBY', KEYS[8], 'steps_total', 1)
 redis.call('HINCRBY', KEYS[8], 'commit_bytes_total', nbytes)

@@ -32,6 +32,7 @@ class Commit:
     # checkpoint so that a call lost with its executor (or never received) is noticed.
     effects: tuple[tuple[str, int], ...] = ()
     timers: tuple[tuple[str, int], ...] = ()  # (timer id, due ms): durable timers
+    approvals: tuple[tuple[str, bool], ...] = ()  # (call id, now waiting for approval?)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class MemoryStore:
         self.fx_due: dict[str, int] = {}  # "run|effect" -> due ms
         self._execsets: dict[str, set[str]] = {}
         self.timers: dict[str, int] = {}  # "run|timer" -> due ms
+        self.approvals: dict[str, int] = {}  # "run|call" -> since ms
         self._hosts: dict[str, tuple[int, str]] = {}
         self._crashes: dict[str, str] = {}
         self.dispatch_timeout_ms = 10_000
@@ -162,6 +163,11 @@ class MemoryStore:
                     self.fx_due[f"{run_id}|{eid}"] = now + self.dispatch_timeout_ms
             for tid, at in c.timers:
                 self.timers[f"{run_id}|{tid}"] = at
+            for call_id, waiting in c.approvals:
+                if waiting:
+                    self.approvals[f"{run_id}|{call_id}"] = now
+                else:
+                    self.approvals.pop(f"{run_id}|{call_id}", None)
             self.counters_["steps_total"] = self.counters_.get("steps_total", 0) + 1
             self._cond.notify_all()
             return CommitResult(int(m["journal_bytes"]), int(m["snap_bytes"]),
@@ -529,6 +535,10 @@ class MemoryStore:
     def ledger(self, run_id: str) -> dict[str, int]:
         with self._lock:
             return dict(self._get(run_id).ledger)
+
+    def approvals_pending(self) -> list[tuple[str, str, int]]:
+        with self._lock:
+            return [(*m.rsplit("|", 1), at) for m, at in sorted(self.approvals.items())]  # type: ignore[misc]
 
     def counters(self) -> dict[str, int]:
         return dict(self.counters_)

@@ -42,7 +42,7 @@ from ._errors import (
     StepConflict,
     StoreUnavailable,
 )
-from ._keys import COUNTERS, FX_DUE, INDEX, LEASES, READY, TIMERS, _k, _s, _state_key
+from ._keys import APPROVALS, COUNTERS, FX_DUE, INDEX, LEASES, READY, TIMERS, _k, _s, _state_key
 from ._redis_activation import RedisActivation, delivery
 from ._store import (
     STATUSES,
@@ -192,7 +192,8 @@ class RedisStore(RedisActivation):
         nonce = uuid.uuid4().hex
         args: list[Any] = [c.epoch, c.step, c.status, str(int(time.time() * 1000)), run_id,
                            c.delta, c.snapshot, len(c.events), len(c.outbox), len(c.seen),
-                           nonce, len(c.effects), len(c.timers), self.dispatch_timeout_ms]
+                           nonce, len(c.effects), len(c.timers), self.dispatch_timeout_ms,
+                           len(c.approvals)]
         args.extend(c.events)
         for mid, env in c.outbox:
             args.extend((mid, env))
@@ -201,8 +202,10 @@ class RedisStore(RedisActivation):
             args.extend((eid, attempt))
         for tid, at in c.timers:
             args.extend((tid, at))
+        for call_id, waiting in c.approvals:
+            args.extend((call_id, "1" if waiting else "0"))
         keys = [_k(run_id, p) for p in ("meta", "snap", "journal", "events", "outbox", "seen")]
-        keys += [INDEX, COUNTERS, _k(run_id, "fx"), FX_DUE, TIMERS]
+        keys += [INDEX, COUNTERS, _k(run_id, "fx"), FX_DUE, TIMERS, APPROVALS]
         res = self._retry(lambda: self._commit(keys=keys, args=args))
         tag = _s(res[0])
         if tag == "OK":
@@ -329,6 +332,11 @@ class RedisStore(RedisActivation):
     def ledger(self, run_id: str) -> dict[str, int]:
         raw = self._retry(lambda: self.r.hgetall(_k(run_id, "ledger")))
         return {_s(k): int(v) for k, v in raw.items()}
+
+    def approvals_pending(self) -> list[tuple[str, str, int]]:
+        """Tool calls waiting for someone's decision: (run id, call id, since ms)."""
+        rows = self._retry(lambda: self.r.zrange(APPROVALS, 0, -1, withscores=True))
+        return [(*_s(m).rsplit("|", 1), int(sc)) for m, sc in rows]  # type: ignore[misc]
 
     def counters(self) -> dict[str, int]:
         raw = self._retry(lambda: self.r.hgetall(COUNTERS))

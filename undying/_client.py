@@ -17,13 +17,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from undying.actors import Agent, RunState, StepEvent, create_run, encode_message, load_state
-from undying.actors._state import Cancel
+from undying.actors._state import Approval, Cancel, args_hash
 from undying.cluster import Settings, connect_store, init_ray
 from undying.persistence import TERMINAL, CheckpointStore, RunInfo, RunNotFound, UndyingError, decode
 
 
 class RunTimeout(UndyingError):
     pass
+
+
+class ApprovalError(UndyingError):
+    pass
+
+
+@dataclass(frozen=True)
+class PendingApproval:
+    run_id: str
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    args_hash: str
+    since_ms: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,53 @@ class Undying:
     def send(self, run_id: str, message: Any) -> str:
         """Store a message in the run's inbox; a passivated run is queued to receive it."""
         return self.store.send(run_id, encode_message(message, run_id))
+
+    # -- approvals --------------------------------------------------------------
+
+    def approvals(self, run_id: str | None = None) -> list[PendingApproval]:
+        """Tool calls waiting for someone's decision (of one run, or of every run)."""
+        rows = self.store.approvals_pending()  # type: ignore[attr-defined]
+        out = []
+        for rid, call_id, since in rows:
+            if run_id is not None and rid != run_id:
+                continue
+            try:
+                entry = self.state(rid).journal.get(call_id)
+            except UndyingError:
+                continue
+            if entry is not None and entry.status == "awaiting_approval":
+                out.append(PendingApproval(rid, call_id, entry.tool, dict(entry.arguments),
+                                           args_hash(entry.arguments), since))
+        return out
+
+    def approve(self, run_id: str, call_id: str, *, by: str, args_hash: str | None = None) -> None:
+        """Approve one waiting tool call. ``args_hash``: the hash of the arguments you
+        reviewed (from `approvals`); if they are not the call's, the approval is refused."""
+        self._decide(run_id, call_id, True, by, args_hash, "")
+
+    def reject(self, run_id: str, call_id: str, *, by: str, reason: str = "",
+               args_hash: str | None = None) -> None:
+        """Reject one waiting tool call: the model is told, with the reason."""
+        self._decide(run_id, call_id, False, by, args_hash, reason)
+
+    def _decide(self, run_id: str, call_id: str, approved: bool, by: str,
+                expected: str | None, reason: str) -> None:
+        state = self.state(run_id)
+        entry = state.journal.get(call_id)
+        if entry is None:
+            raise ApprovalError(f"run {run_id!r} has no tool call {call_id!r}")
+        if entry.status != "awaiting_approval":
+            raise ApprovalError(f"tool call {call_id!r} of run {run_id!r} is not waiting for "
+                                f"approval (it is {entry.status})")
+        actual = args_hash(entry.arguments)
+        if expected is not None and expected != actual:
+            raise ApprovalError(
+                f"tool call {call_id!r} of run {run_id!r} asks approval for arguments "
+                f"{actual}, not {expected}: an approval is for the exact arguments shown")
+        attempt = state.pending[call_id].attempt if call_id in state.pending else 0
+        self.send(run_id, Approval(id=f"approval:{call_id}:{attempt}", call_id=call_id,
+                                   approved=approved, by=by, at_ms=int(time.time() * 1000),
+                                   args_hash=actual, reason=reason))
 
     # -- reading ----------------------------------------------------------------
 

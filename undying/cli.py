@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     c.add_argument("--reason", default="cancelled by user")
     c.set_defaults(fn=cmd_cancel)
+
+    from undying import _cli_approvals
+
+    _cli_approvals.add_parsers(sub)
     return p
 
 

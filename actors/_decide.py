@@ -447,7 +447,7 @@ def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Eff
                 why = f"parent {state.run_id} has the {g.need} result(s) it waited for"
                 effects += [SendMessage(to=c, message=Cancel(id=f"cancel:{c}", reason=why))
                             for c in rest]
-        groups = {**d.groups, gid: g}
+        groups: dict[str, DelegationGroup] = {**d.groups, str(gid): g}
     else:
         groups = d.groups
     d = d.model_copy(update={"groups": groups})

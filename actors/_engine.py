@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from undying.persistence import (
@@ -393,7 +393,7 @@ class RunEngine:
 
     # -- effects ---------------------------------------------------------------
 
-    def _requests(self, state: RunState, calls: list[Effect]) -> list[EffectRequest]:
+    def _requests(self, state: RunState, calls: Sequence[Effect]) -> list[EffectRequest]:
         assert self.agent is not None
         ctx = state.context
         out = []

@@ -47,7 +47,7 @@ def get_executor(redis_url: str, namespace: str, node_id: str,
                  options: dict[str, Any] | None = None) -> Any:
     from .ray_executor import ExecutorActor
 
-    return ExecutorActor.options(  # type: ignore[attr-defined]
+    return ExecutorActor.options(  # type: ignore[attr-defined, misc, operator]
         name=executor_name(node_id), namespace=namespace, lifetime="detached",
         get_if_exists=True, scheduling_strategy=_pinned(node_id),
     ).remote(redis_url, executor_name(node_id), dict(options or {}))
@@ -65,7 +65,7 @@ def ensure_pool(redis_url: str, namespace: str, options: dict[str, Any] | None =
         out[executor_name(node)] = get_executor(redis_url, namespace, node, opts)
         for i in range(per_node):
             name = host_name(node, i)
-            out[name] = RunHost.options(  # type: ignore[attr-defined]
+            out[name] = RunHost.options(  # type: ignore[attr-defined, misc, operator]
                 name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
                 scheduling_strategy=_pinned(node),
             ).remote(redis_url, namespace, name, opts)

@@ -12,9 +12,10 @@ every ~0.5 s. If its process dies, Ray reports it at once (hosts use no Ray
 restarts: a restartable actor's death is reported only after ~1.5 s); the
 supervisor restarts the run it was hosting from its checkpoint under a new
 epoch, and creates a new host in its place. Its lease expiring (3 s) is the
-backstop when Ray cannot tell (a paused or partitioned host). A paused host that wakes up has its next commit refused (fenced) and
-drops the run. On SIGTERM (a deploy, a drained node) the atexit hook gives
-the current run's lease back at once, so it is restarted without waiting.
+backstop when Ray cannot tell (a paused or partitioned host). A paused host
+that wakes up has its next commit refused (fenced) and drops the run. On
+SIGTERM (a deploy, a drained node) the atexit hook gives the current run's
+lease back at once, so it is restarted without waiting.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ LEASE_TTL_S = 3.0
 # A threaded actor, not an async one: the host's own threads block on Redis and on
 # Ray's acknowledgements; its methods (a death watch that never returns, `info`) each
 # get a thread of their own.
-@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=4)
+@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0,  # type: ignore[call-overload]
+            max_concurrency=4)
 class RunHost:
     def __init__(self, redis_url: str, namespace: str, name: str,
                  options: dict[str, Any] | None = None) -> None:

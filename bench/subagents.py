@@ -42,7 +42,6 @@ from typing import Any
 
 from . import _util as U
 
-
 ACTOR_KINDS: dict[str, int] = {}  # peak count of live actor processes, by class
 
 
@@ -218,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"command": "python -m bench.subagents " + " ".join(argv or sys.argv[1:])}
     try:
         with U.redis_server(root, "everysec") as server, U.local_ray(root):
+            import redis
+
             from undying import Settings, Undying
             from undying.actors.pool import shutdown_pool
-
-            import redis
 
             version = redis.Redis.from_url(server.url).info("server")["redis_version"]
             out["machine"] = U.machine_info(version, Path(server.binary).name)

@@ -279,7 +279,7 @@ class RedisActivation:
         """Dispatches not claimed or renewed in time: (run id, effect id, record or "")."""
         now = _now_ms() if now_ms is None else now_ms
         rows = self._retry(lambda: self.r.zrangebyscore(FX_DUE, 0, now, start=0, num=count))
-        out = []
+        out: list[tuple[str, str, str]] = []
         pairs = [_s(m).rpartition("|") for m in rows]
         if not pairs:
             return out

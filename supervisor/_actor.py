@@ -41,7 +41,6 @@ from ._policy import (
     Command,
     Event,
     Forget,
-    LeaseExpired,
     MarkFailed,
     Policy,
     Restart,
@@ -344,8 +343,9 @@ class SupervisorActor:
 
 def _live_incarnation(name: str, namespace: str) -> str | None:
     try:
-        return str(ray.get(ray.get_actor(name, namespace=namespace).info.remote(),
-                           timeout=10)["incarnation"])
+        ref: Any = ray.get_actor(name, namespace=namespace).info.remote()
+        info: Any = ray.get(ref, timeout=10)
+        return str(info["incarnation"])
     except Exception:
         return None
 

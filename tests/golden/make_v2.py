@@ -9,8 +9,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from undying.actors import Budgets, ChatMessage, ChildResult, ModelReply, RunState, Start
-from undying.actors import ToolCallRequest, decide
+from undying.actors import (
+    Budgets,
+    ChatMessage,
+    ChildResult,
+    ModelReply,
+    RunState,
+    Start,
+    ToolCallRequest,
+    decide,
+)
 from undying.actors._engine import outbox_entries
 from undying.actors._state import EffectLost, Envelope, ModelFailed, Spawn, StepEvent, Timer
 from undying.actors.research import lead

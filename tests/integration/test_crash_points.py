@@ -12,7 +12,6 @@ before the previous result is committed, which makes the ledger exact.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +22,6 @@ from tests.conftest import unique_id
 from undying.actors import (
     Agent,
     ChatMessage,
-    RunEngine,
     RunState,
     StepEvent,
     ToolCallRequest,

@@ -8,8 +8,17 @@ from typing import Any
 
 import pytest
 
-from undying.actors import Budgets, Cancel, ChatMessage, ChildResult, ModelReply, RunState, Start
-from undying.actors import ToolCallRequest, decide
+from undying.actors import (
+    Budgets,
+    Cancel,
+    ChatMessage,
+    ChildResult,
+    ModelReply,
+    RunState,
+    Start,
+    ToolCallRequest,
+    decide,
+)
 from undying.actors._engine import cap_budgets
 from undying.actors._state import (
     CallModel,

@@ -56,6 +56,7 @@ from ._state import (
     Start,
     StepEvent,
 )
+from ._telemetry import committed, recorder_for
 
 
 def new_run_id() -> str:
@@ -245,6 +246,7 @@ class RunEngine:
         self.snapshot_bytes = 0
         self.queue: collections.deque[tuple[Message, str | None, float]] = collections.deque()
         self.steps = 0
+        self.metrics = recorder_for(store)  # metrics: in process, flushed to Redis each second
 
     # -- activation ---------------------------------------------------------
 
@@ -339,14 +341,27 @@ class RunEngine:
         assert self.state is not None
         if entry_id is not None and msg.id in self.seen:
             return  # a redelivered message: applied before
-        new, effects = decide(self.state, msg)
-        if new is not self.state:
+        old = self.state
+        new, effects = decide(old, msg)
+        if new is not old:
             if entry_id is not None:
                 new = new.model_copy(update={"inbox_cursor": entry_id})
             self._commit(new, effects, msg.type, entry_id and msg.id,
                          (time.perf_counter() - t0) * 1000)
+        self._drop_dispatches(old, new, msg)
         if self.on_applied is not None:
             self.on_applied(msg)
+
+    def _drop_dispatches(self, old: RunState, new: RunState, msg: Message) -> None:
+        """Forget the dispatch records of calls the run no longer waits for without a
+        result having dropped them (one marked in doubt, or a lost-call report about a call
+        that is not pending any more): otherwise they would be reported lost forever."""
+        result_for = getattr(msg, "effect_id", None) if msg.type != "effect_lost" else None
+        gone = [e for e in old.pending if e not in new.pending and e != result_for]
+        if msg.type == "effect_lost" and msg.effect_id not in new.pending:  # type: ignore[union-attr]
+            gone.append(msg.effect_id)  # type: ignore[union-attr]
+        if gone and new.status not in TERMINAL:  # a terminal commit drops them all itself
+            self.store.fx_drop(self.run_id, sorted(set(gone)))
 
     def _commit(self, new: RunState, effects: list[Effect], kind: str, seen_id: str | None,
                 duration_ms: float) -> None:
@@ -363,13 +378,17 @@ class RunEngine:
                           at_ms=int(time.time() * 1000), duration_ms=round(duration_ms, 3),
                           delta_bytes=0 if snapshot else len(delta),
                           snapshot_bytes=len(snapshot), summary=_summary(new, kind))
+        t_commit = time.perf_counter()
+        # the delta goes along with a snapshot too: the run's history keeps every step's delta
         res = self.store.commit(rid, Commit(
-            epoch=self.epoch, step=new.step, status=new.status, delta=b"" if snapshot else delta,
+            epoch=self.epoch, step=new.step, status=new.status, delta=delta, kind=kind,
             snapshot=snapshot, events=(encode("event", event, run_id=rid),),
             outbox=outbox, seen=(seen_id,) if seen_id else (),
             effects=tuple((e.effect_id, new.pending[e.effect_id].attempt) for e in calls),
             timers=tuple((e.timer_id, e.at_ms) for e in effects if isinstance(e, SetTimer)),
             approvals=_approvals(self.state, new)))
+        committed(self.metrics, time.perf_counter() - t_commit, len(delta), len(snapshot), res,
+                  self.state, new, kind, effects)  # metrics
         self.journal_bytes, self.snapshot_bytes = res.journal_bytes, res.snapshot_bytes
         self.state = new
         self.steps += 1

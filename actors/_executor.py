@@ -38,6 +38,7 @@ from ._state import (
     ToolResult,
     args_hash,
 )
+from ._telemetry import model_call, recorder_for, tool_call
 from ._tools import ToolArgumentsError, ToolContext
 
 
@@ -93,6 +94,7 @@ class Executor:
         self.tasks: set[asyncio.Task[None]] = set()
         self.models: dict[str, Model] = {}
         self.stats = {"received": 0, "claimed": 0, "skipped": 0, "completed": 0, "failed": 0}
+        self.metrics = recorder_for(store)  # metrics: in process, flushed to Redis each second
 
     # -- intake -------------------------------------------------------------------
 
@@ -143,6 +145,8 @@ class Executor:
         try:
             t0 = time.perf_counter()
             msg = await (self._model(req) if req.kind == "model" else self._tool(req))
+            if req.kind == "tool":  # metrics
+                tool_call(self.metrics, req.tool, time.perf_counter() - t0, _tool_outcome(msg))
             self.store.fx_complete(req.run_id, req.effect_id, req.attempt, self.name,
                                    message_bytes(msg, req.run_id), self.incarnation)
             self.stats["completed"] += 1
@@ -176,12 +180,14 @@ class Executor:
 
     async def _model(self, req: EffectRequest) -> Message:
         eid = req.effect_id
+        t0 = time.perf_counter()
         try:
             # the agent's module registers what its model needs (a provider, a policy)
             load_agent(req.agent_ref, req.agent_version)
             assert req.spec is not None
             resp = await self._model_for(req.spec).complete(ModelRequest(
                 messages=req.messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid))
+            model_call(self.metrics, req.spec, time.perf_counter() - t0, resp=resp)  # metrics
             # whatever a provider sent must be storable, or the step would redo forever
             reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
             return ModelReply(id=f"reply:{eid}:{req.attempt}", effect_id=eid, message=reply,
@@ -190,6 +196,7 @@ class Executor:
                               retries=_retries(getattr(resp, "retries", ())))
         except Exception as exc:  # a provider fault is data for the loop, not a crash
             self.stats["failed"] += 1
+            model_call(self.metrics, req.spec, time.perf_counter() - t0, exc=exc)  # metrics
             return ModelFailed(id=f"failed:{eid}:{req.attempt}", effect_id=eid,
                                error=f"{type(exc).__name__}: {exc}"[:2000],
                                retryable=bool(getattr(exc, "retryable", False)),
@@ -259,6 +266,20 @@ class Executor:
                         reason=f"{reason} (executor {self.name}#{inc})")
         self.store.executor_forget(self.name, lost)
         return len(lost)
+
+
+def _tool_outcome(msg: Any) -> str:
+    """A tool result's outcome, as the metric `undying_tool_calls_total` counts it."""
+    if getattr(msg, "needs_approval", False):
+        return "needs_approval"
+    error = getattr(msg, "error", None)
+    if not error:
+        return "ok"
+    if error.startswith("bad arguments for tool"):
+        return "invalid_arguments"
+    if error.startswith("tool ") and "is not installed" in error:
+        return "not_installed"
+    return "error"
 
 
 def _retries(records: Iterable[Any]) -> tuple[dict[str, Any], ...]:

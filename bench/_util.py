@@ -168,8 +168,8 @@ class Checkpointer:
             run_id=rid)
         t2 = time.perf_counter_ns()
         res = self.store.commit(rid, Commit(
-            epoch=self.epoch, step=new.step, status=new.status,
-            delta=b"" if snapshot else delta, snapshot=snapshot, events=(event,)))
+            epoch=self.epoch, step=new.step, status=new.status, kind=kind,
+            delta=delta, snapshot=snapshot, events=(event,)))
         t3 = time.perf_counter_ns()
         self.journal_bytes, self.snapshot_bytes = res.journal_bytes, res.snapshot_bytes
         self.state = new

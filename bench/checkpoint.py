@@ -147,7 +147,8 @@ def bench_commit(url: str, steps: int, pairs: int, texts: list[str]) -> dict[str
         step += 1
         step2 += 1
 
-        c1 = Commit(epoch=epoch, step=step, status="running", delta=delta, events=(event,))
+        c1 = Commit(epoch=epoch, step=step, status="running", delta=delta, events=(event,),
+                    kind="tool_result")
 
         def do_commit(c1: Commit = c1) -> None:
             store.commit(run, c1)
@@ -156,7 +157,7 @@ def bench_commit(url: str, steps: int, pairs: int, texts: list[str]) -> dict[str
             r.xadd(raw_key, fields)  # type: ignore[arg-type]
 
         capture.commit(run2, Commit(epoch=epoch2, step=step2, status="running", delta=delta,
-                                    events=(event,)))
+                                    events=(event,), kind="tool_result"))
         keys2, args2 = sent["keys"], sent["args"]
 
         def do_eval(keys2: list[Any] = keys2, args2: list[Any] = args2) -> None:

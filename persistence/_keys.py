@@ -11,6 +11,7 @@ READY = "ud:ready"  # list of runs queued for activation
 FX_DUE = "ud:fx:due"  # zset "run|effect" -> when its dispatch is due to be claimed or renewed
 TIMERS = "ud:timers"  # zset "run|timer" -> when it fires (ms)
 APPROVALS = "ud:approvals"  # zset "run|call" -> since when it waits for someone's decision (ms)
+ENDED = "ud:ended"  # zset root run -> when it ended (ms): retention counts from there
 HOSTS = "ud:hosts"  # hash host id -> "heartbeat ms|node|pid|run|epoch"
 
 

@@ -15,15 +15,19 @@ local TERMINAL = {finished=true, failed=true, cancelled=true, quarantined=true}
 """
 
 # KEYS: meta snap journal events outbox seen index counters fx fxdue timers approvals
+#       origin history ended
 # ARGV: epoch step status now run_id delta snapshot n_events n_outbox n_seen nonce
-#       n_fx n_timers fx_timeout_ms n_approvals
+#       n_fx n_timers fx_timeout_ms n_approvals kind
 #       events... (outbox id, envelope)... seen... (effect id, attempt)... (timer id, at)...
 #       (call id, 1 now waiting for approval | 0 no longer)...
 COMMIT = _TERMINAL + """
 local meta = KEYS[1]
 local cur = tonumber(redis.call('HGET', meta, 'epoch') or '-1')
 if cur == -1 then return {'NOTFOUND', 0} end
-if cur ~= tonumber(ARGV[1]) then return {'FENCED', cur} end
+if cur ~= tonumber(ARGV[1]) then
+  redis.call('HINCRBY', KEYS[8], 'fenced_commits_total', 1)  -- a zombie's write, refused
+  return {'FENCED', cur}
+end
 local reason = redis.call('HGET', meta, 'reason')
 if reason and reason ~= '' then return {'QUARANTINED', reason} end
 local stored = tonumber(redis.call('HGET', meta, 'step') or '0')
@@ -32,8 +36,16 @@ if step ~= stored + 1 then return {'STEP', stored, redis.call('HGET', meta, 'non
 local delta, snapshot = ARGV[6], ARGV[7]
 local nbytes = 0
 if snapshot ~= '' then
+  -- history (fork from any step) at no cost per step: the run's first snapshot stays as its
+  -- origin, and the journal, with this step's delta, becomes a history segment (a RENAME)
+  -- instead of being deleted; `hist` lists the segments by the step they end at
+  if redis.call('EXISTS', KEYS[13]) == 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('RENAME', KEYS[2], KEYS[13])
+  end
+  redis.call('RPUSH', KEYS[3], delta ~= '' and delta or snapshot)
+  redis.call('RENAME', KEYS[3], KEYS[14] .. ':' .. step)
+  redis.call('RPUSH', KEYS[14], step)
   redis.call('SET', KEYS[2], snapshot)
-  redis.call('DEL', KEYS[3])
   redis.call('HSET', meta, 'snap_step', step, 'snap_bytes', #snapshot,
              'journal_bytes', 0, 'journal_len', 0)
   nbytes = #snapshot
@@ -53,10 +65,16 @@ if old ~= status then
   redis.call('SREM', 'ud:state:' .. old, run)
   redis.call('SADD', 'ud:state:' .. status, run)
   redis.call('HSET', KEYS[7], run, status)
+  if TERMINAL[status] and not TERMINAL[old] then
+    redis.call('HINCRBY', KEYS[8], 'ended|' .. status, 1)
+    if (redis.call('HGET', meta, 'parent') or '') == '' then
+      redis.call('ZADD', KEYS[15], now, run)  -- a root ended: retention counts from here
+    end
+  end
 end
 local ne, no, ns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local nf, nt, na = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[15])
-local i = 16
+local i = 17
 for _ = 1, ne do
   redis.call('XADD', KEYS[4], '*', 'e', ARGV[i]); i = i + 1
 end
@@ -90,9 +108,17 @@ for _ = 1, na do
 end
 redis.call('HINCRBY', KEYS[8], 'steps_total', 1)
 redis.call('HINCRBY', KEYS[8], 'commit_bytes_total', nbytes)
+if ARGV[16] ~= '' then redis.call('HINCRBY', KEYS[8], 'steps|' .. ARGV[16], 1) end
+-- the first step after the supervisor restarted the run: its recovery time
+local recovered = -1
+local died = redis.call('HGET', meta, 'recovering')
+if died then
+  redis.call('HDEL', meta, 'recovering')
+  recovered = now - tonumber(died)
+end
 return {'OK', tonumber(redis.call('HGET', meta, 'journal_bytes')),
         tonumber(redis.call('HGET', meta, 'snap_bytes')),
-        tonumber(redis.call('HGET', meta, 'journal_len'))}
+        tonumber(redis.call('HGET', meta, 'journal_len')), recovered}
 """
 
 # KEYS: meta snap inbox index lease ready  ARGV: run_id agent parent now snapshot first_message
@@ -209,7 +235,10 @@ RENEW = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
 if cur == -1 then return {'NOTFOUND', 0} end
 if cur ~= tonumber(ARGV[2]) then return {'FENCED', cur} end
-redis.call('SET', KEYS[2], ARGV[2] .. '|' .. ARGV[3], 'PX', ARGV[4])
+-- extend only a lease still held: a renewal racing the host's own passivation must not
+-- bring back a lease it gave up (a message delivered then would find the run "active")
+if redis.call('GET', KEYS[2]) ~= ARGV[2] .. '|' .. ARGV[3] then return {'GONE', cur} end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + tonumber(ARGV[4]), ARGV[1])
 return {'OK', cur}
 """
@@ -286,11 +315,12 @@ return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 """
 
 # KEYS: meta index lease leases  ARGV: run_id reason now
-QUARANTINE = """
+QUARANTINE = _TERMINAL + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'NOTFOUND' end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 local old = redis.call('HGET', KEYS[1], 'status')
+if not TERMINAL[old] then redis.call('HINCRBY', 'ud:counters', 'ended|quarantined', 1) end
 redis.call('HSET', KEYS[1], 'status', 'quarantined', 'reason', ARGV[2], 'updated', ARGV[3])
 redis.call('SREM', 'ud:state:' .. old, ARGV[1])
 redis.call('SADD', 'ud:state:quarantined', ARGV[1])

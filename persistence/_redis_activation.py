@@ -294,6 +294,19 @@ class RedisActivation:
             out.append((run_id, eid, "" if rec is None else _s(rec)))
         return out
 
+    def fx_drop(self, run_id: str, effect_ids: Iterable[str]) -> None:
+        """Forget dispatch records of calls the run no longer waits for."""
+        ids = list(effect_ids)
+
+        def do() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.hdel(_k(run_id, "fx"), *ids)
+            p.zrem(FX_DUE, *(f"{run_id}|{e}" for e in ids))
+            p.execute()
+
+        if ids:
+            self._retry(do)
+
     def fx_postpone(self, run_id: str, effect_id: str, until_ms: int) -> None:
         self._retry(lambda: self.r.zadd(FX_DUE, {f"{run_id}|{effect_id}": until_ms}))
 

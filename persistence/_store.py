@@ -33,6 +33,7 @@ class Commit:
     effects: tuple[tuple[str, int], ...] = ()
     timers: tuple[tuple[str, int], ...] = ()  # (timer id, due ms): durable timers
     approvals: tuple[tuple[str, bool], ...] = ()  # (call id, now waiting for approval?)
+    kind: str = ""  # the kind of message the step applied (counted by kind for metrics)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class CommitResult:
     journal_bytes: int
     snapshot_bytes: int
     journal_len: int
+    # the first commit after the supervisor restarted the run: ms since it noticed the death
+    recovered_ms: int = -1
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ._errors import Fenced, Quarantined, RunExists, RunNotFound, StepConflict
@@ -40,6 +40,8 @@ class _Run:
     ledger: dict[str, int] = field(default_factory=dict)
     lease: str | None = None  # "ready" or "<epoch>|<owner>"; expiry in MemoryStore._leases
     fx: dict[str, str] = field(default_factory=dict)
+    origin: bytes | None = None  # the first snapshot, once compaction replaced it
+    segments: list[list[bytes]] = field(default_factory=list)  # journals before each snapshot
 
 
 def _after(entries: list[tuple[str, bytes]], after: str) -> list[tuple[str, bytes]]:
@@ -68,6 +70,8 @@ class MemoryStore:
         self.approvals: dict[str, int] = {}  # "run|call" -> since ms
         self._hosts: dict[str, tuple[int, str]] = {}
         self._crashes: dict[str, str] = {}
+        self.ended: dict[str, int] = {}  # root run -> when it ended (ms)
+        self.metrics_: dict[str, float] = {}
         self.dispatch_timeout_ms = 10_000
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -133,21 +137,30 @@ class MemoryStore:
             run = self._get(run_id)
             m = run.meta
             if int(m["epoch"]) != c.epoch:
+                self._count("fenced_commits_total")
                 raise Fenced(run_id, c.epoch, int(m["epoch"]))
             if m["reason"]:
                 raise Quarantined(run_id, str(m["reason"]))
             if c.step != int(m["step"]) + 1:
                 raise StepConflict(run_id, c.step, int(m["step"]))
             if c.snapshot:
+                if run.origin is None:
+                    run.origin = run.snap
+                run.segments.append([*run.journal, c.delta or c.snapshot])
                 run.snap = c.snapshot
-                run.journal.clear()
+                run.journal = []
                 m.update(snap_step=c.step, snap_bytes=len(c.snapshot), journal_bytes=0,
                          journal_len=0)
             elif c.delta:
                 run.journal.append(c.delta)
                 m["journal_bytes"] = int(m["journal_bytes"]) + len(c.delta)
                 m["journal_len"] = int(m["journal_len"]) + 1
+            old = str(m["status"])
             m.update(step=c.step, status=c.status, updated=int(time.time() * 1000))
+            if c.status in TERMINAL and old not in TERMINAL:
+                self._count(f"ended|{c.status}")
+                if not m["parent"]:
+                    self.ended[run_id] = int(m["updated"])
             for e in c.events:
                 run.events.append((self._new_id(), e))
             run.outbox.update(dict(c.outbox))
@@ -169,9 +182,13 @@ class MemoryStore:
                 else:
                     self.approvals.pop(f"{run_id}|{call_id}", None)
             self.counters_["steps_total"] = self.counters_.get("steps_total", 0) + 1
+            if c.kind:
+                self._count(f"steps|{c.kind}")
+            died = m.pop("recovering", None)
             self._cond.notify_all()
             return CommitResult(int(m["journal_bytes"]), int(m["snap_bytes"]),
-                                int(m["journal_len"]))
+                                int(m["journal_len"]),
+                                -1 if died is None else now - int(died))
 
     def claim_epoch(self, run_id: str) -> int:
         with self._lock:
@@ -257,8 +274,9 @@ class MemoryStore:
             cur = int(run.meta["epoch"])
             if cur != epoch:
                 raise Fenced(run_id, epoch, cur)
-            run.lease = f"{epoch}|{owner}"
-            self._leases[run_id] = (run.lease, int(time.time() * 1000) + ttl_ms)
+            if self._lease_value(run_id, run) != f"{epoch}|{owner}":
+                return  # given up (passivated) meanwhile: never bring it back
+            self._leases[run_id] = (run.lease or "", int(time.time() * 1000) + ttl_ms)
 
     def release_lease(self, run_id: str, epoch: int, *, done: bool) -> bool:
         with self._lock:
@@ -483,6 +501,14 @@ class MemoryStore:
                 out.append((run_id, eid, (run.fx.get(eid) if run else None) or ""))
             return out
 
+    def fx_drop(self, run_id: str, effect_ids: Iterable[str]) -> None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            for eid in effect_ids:
+                if run is not None:
+                    run.fx.pop(eid, None)
+                self.fx_due.pop(f"{run_id}|{eid}", None)
+
     def fx_postpone(self, run_id: str, effect_id: str, until_ms: int) -> None:
         with self._lock:
             self.fx_due[f"{run_id}|{effect_id}"] = until_ms
@@ -542,6 +568,108 @@ class MemoryStore:
 
     def counters(self) -> dict[str, int]:
         return dict(self.counters_)
+
+    # -- history, forks, retention, metrics (see _redis_history) ----------------------------
+
+    def add_metrics(self, incs: dict[str, float]) -> None:
+        with self._lock:
+            for k, v in incs.items():
+                self.metrics_[k] = self.metrics_.get(k, 0) + v
+
+    def read_metrics(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.metrics_)
+
+    def mark_recovering(self, run_id: str, since_ms: int) -> None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.meta.setdefault("recovering", since_ms)
+
+    def history_records(self, run_id: str, upto_step: int) -> tuple[dict[str, str], int, bytes,
+                                                                     list[bytes]]:
+        with self._lock:
+            run = self._get(run_id)
+            meta = {k: str(v) for k, v in run.meta.items()}
+            base = int(run.meta.get("origin_step", 0))
+            origin = run.origin if run.origin is not None else run.snap
+            rows = [r for seg in run.segments for r in seg] + run.journal
+            return meta, base, origin, rows[:max(0, upto_step - base)]
+
+    def create_fork(self, run_id: str, snapshot: bytes, *, agent: str, step: int, status: str,
+                    forked_from: str, event: bytes,
+                    outbox: tuple[tuple[str, bytes], ...] = (),
+                    effects: tuple[tuple[str, int], ...] = (),
+                    timers: tuple[tuple[str, int], ...] = (), now_ms: int) -> None:
+        with self._cond:
+            if run_id in self._runs:
+                raise RunExists(run_id)
+            run = _Run(meta={"epoch": 0, "step": step, "status": status, "snap_step": step,
+                             "snap_bytes": len(snapshot), "journal_bytes": 0, "journal_len": 0,
+                             "agent": agent, "parent": "", "created": now_ms,
+                             "updated": now_ms, "reason": "", "clean": 0, "origin_step": step,
+                             "forked_from": forked_from, "forked_at": step}, snap=snapshot)
+            run.events.append((self._new_id(), event))
+            run.outbox.update(dict(outbox))
+            for eid, attempt in effects:
+                run.fx[eid] = f"{attempt}|q"
+                self.fx_due[f"{run_id}|{eid}"] = now_ms + self.dispatch_timeout_ms
+            for tid, at in timers:
+                self.timers[f"{run_id}|{tid}"] = at
+            run.lease = "ready"
+            self.ready.append(run_id)
+            self._runs[run_id] = run
+            self._count("forks_total")
+            self._cond.notify_all()
+
+    def read_events_multi(self, cursors: dict[str, str], count: int = 100,
+                          block_ms: int | None = None) -> list[tuple[str, EventEntry]]:
+        def rows() -> list[tuple[str, EventEntry]]:
+            out: list[tuple[str, EventEntry]] = []
+            for rid, after in cursors.items():
+                run = self._runs.get(rid)
+                if run is not None:
+                    out.extend((rid, EventEntry(e, d)) for e, d in _after(run.events, after)[:count])
+            return out
+
+        with self._cond:
+            found = rows()
+            if not found and block_ms:
+                self._cond.wait(block_ms / 1000)
+                found = rows()
+            return found
+
+    def ended_before(self, before_ms: int, count: int = 1000) -> list[tuple[str, int]]:
+        with self._lock:
+            return sorted(((r, t) for r, t in self.ended.items() if t <= before_ms),
+                          key=lambda x: (x[1], x[0]))[:count]
+
+    def descendants(self, run_id: str) -> list[str]:
+        with self._lock:
+            return sorted(r for r in self._runs if r.startswith(run_id + "."))
+
+    def index_items(self) -> Iterator[tuple[str, str]]:
+        with self._lock:
+            items = [(r, str(run.meta["status"])) for r, run in self._runs.items()]
+        yield from items
+
+    def remove_ended(self, run_id: str, why: str = "gc") -> str:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                self.ended.pop(run_id, None)
+                return "gone"
+            if run.meta["status"] not in TERMINAL:
+                return "active"
+            if self._lease_value(run_id, run) is not None:
+                return "held"
+            if run.outbox:
+                return "outbox"
+            self.delete(run_id)
+            self.ended.pop(run_id, None)
+            self.timers.pop(f"{run_id}|deadline", None)
+            self._count(f"removed|{why}")
+            return "ok"
 
     def ping(self) -> bool:
         return True

@@ -42,8 +42,9 @@ from ._errors import (
     StepConflict,
     StoreUnavailable,
 )
-from ._keys import APPROVALS, COUNTERS, FX_DUE, INDEX, LEASES, READY, TIMERS, _k, _s, _state_key
+from ._keys import APPROVALS, COUNTERS, ENDED, FX_DUE, INDEX, LEASES, READY, TIMERS, _k, _s, _state_key
 from ._redis_activation import RedisActivation, delivery
+from ._redis_history import RedisHistory
 from ._store import (
     STATUSES,
     Commit,
@@ -58,10 +59,10 @@ from ._store import (
 T = TypeVar("T")
 
 _RUN_PARTS = ("meta", "snap", "journal", "events", "inbox", "outbox", "seen", "ledger",
-              "ledger_nonces", "lease", "restarts", "fx", "crash")
+              "ledger_nonces", "lease", "restarts", "fx", "crash", "origin", "hist")
 
 
-class RedisStore(RedisActivation):
+class RedisStore(RedisActivation, RedisHistory):
     """`CheckpointStore` on one Redis server (standalone, replica or Sentinel primary).
 
     Connection errors are retried with back-off for up to ``unavailable_s``
@@ -193,7 +194,7 @@ class RedisStore(RedisActivation):
         args: list[Any] = [c.epoch, c.step, c.status, str(int(time.time() * 1000)), run_id,
                            c.delta, c.snapshot, len(c.events), len(c.outbox), len(c.seen),
                            nonce, len(c.effects), len(c.timers), self.dispatch_timeout_ms,
-                           len(c.approvals)]
+                           len(c.approvals), c.kind]
         args.extend(c.events)
         for mid, env in c.outbox:
             args.extend((mid, env))
@@ -205,12 +206,14 @@ class RedisStore(RedisActivation):
         for call_id, waiting in c.approvals:
             args.extend((call_id, "1" if waiting else "0"))
         keys = [_k(run_id, p) for p in ("meta", "snap", "journal", "events", "outbox", "seen")]
-        keys += [INDEX, COUNTERS, _k(run_id, "fx"), FX_DUE, TIMERS, APPROVALS]
+        keys += [INDEX, COUNTERS, _k(run_id, "fx"), FX_DUE, TIMERS, APPROVALS,
+                 _k(run_id, "origin"), _k(run_id, "hist"), ENDED]
         res = self._retry(lambda: self._commit(keys=keys, args=args))
         tag = _s(res[0])
         if tag == "OK":
             self._wrote("commit")
-            return CommitResult(int(res[1]), int(res[2]), int(res[3]))
+            return CommitResult(int(res[1]), int(res[2]), int(res[3]),
+                                int(res[4]) if len(res) > 4 else -1)
         if tag == "FENCED":
             raise Fenced(run_id, c.epoch, int(res[1]))
         if tag == "STEP":
@@ -275,12 +278,16 @@ class RedisStore(RedisActivation):
         def do() -> None:
             status = self.r.hget(_k(run_id, "meta"), "status")
             fx = self.r.hkeys(_k(run_id, "fx"))
+            segments = self.r.lrange(_k(run_id, "hist"), 0, -1)
             p = self.r.pipeline(transaction=True)
             if fx:
                 p.zrem(FX_DUE, *(f"{run_id}|{_s(e)}" for e in fx))
+            for seg in segments:
+                p.delete(_k(run_id, f"hist:{_s(seg)}"))
             p.delete(*(_k(run_id, part) for part in _RUN_PARTS))
             p.hdel(INDEX, run_id)
             p.zrem(LEASES, run_id)
+            p.zrem(ENDED, run_id)
             if status is not None:
                 p.srem(_state_key(_s(status)), run_id)
             p.execute()

@@ -35,6 +35,7 @@ from undying.actors._state import Timer
 from undying.actors.pool import EXECUTOR, HOST, alive_nodes, ensure_pool, executor_name
 from undying.persistence import TERMINAL, Quarantined, RedisStore, RunNotFound, encode
 
+from ._observe import Housekeeping, note_lease_expired, note_restart
 from ._policy import (
     ActorDied,
     Adopt,
@@ -67,6 +68,8 @@ class SupervisorActor:
         self.namespace = namespace
         self.options = dict(options or {})
         self.scan_s = float(self.options.pop("scan_interval_s", 0.2))
+        self.housekeeping = Housekeeping(self.options)  # retention sweep, exporter (observability)
+        self.died_at: dict[str, float] = {}  # run -> when its death was noticed (recovery time)
         self.store = RedisStore(redis_url)
         self.view = SupervisorView(policy=Policy(**(policy or {})))
         self.watchers: dict[str, asyncio.Task[None]] = {}
@@ -96,6 +99,9 @@ class SupervisorActor:
     async def _do_boot(self) -> None:
         self.events = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
+        problem = self.housekeeping.start_exporter(self.redis_url)
+        if problem:
+            self.log.append(f"{time.time():.3f} {problem}")
         # supervision first: the pool may be half dead right now (that may be why we restarted)
         self._bg = [self.loop.create_task(self._event_loop()),
                     self.loop.create_task(self._scan_loop())]
@@ -206,6 +212,7 @@ class SupervisorActor:
         if run_id not in self.view.runs:
             recent = tuple(self.store.restarts(run_id))
             self._emit(Adopt(run_id, "", time.time() + 3600, epoch, recent))
+        self.died_at.setdefault(run_id, time.time())
         self._emit(ActorDied(run_id, reason, epoch))
 
     def _emit(self, event: Event) -> None:
@@ -250,6 +257,8 @@ class SupervisorActor:
             await asyncio.to_thread(self.store.record_restart, run_id, now,
                                     encode("event", ev, run_id=run_id))
             self.stats["restarts"] += 1
+            await asyncio.to_thread(note_restart, self.store, run_id, reason or "",
+                                    self.died_at.pop(run_id, now))  # metrics
             # forced: the host that held it is dead or presumed so; the next activation's
             # epoch fences it if it was only paused
             await asyncio.to_thread(self.store.requeue, run_id, force=True)
@@ -264,6 +273,7 @@ class SupervisorActor:
         self.loop.call_later(FORGET_AFTER_S, self._emit, Forget(run_id))
 
     async def _fail(self, cmd: MarkFailed) -> None:
+        self.died_at.pop(cmd.run_id, None)
         try:
             await asyncio.to_thread(end_run, self.store, cmd.run_id, "failed", cmd.reason)
             self.stats["failed"] += 1
@@ -280,6 +290,7 @@ class SupervisorActor:
             check_nodes = time.time() - last_nodes > 1.0
             try:
                 await asyncio.to_thread(self._scan)
+                await asyncio.to_thread(self.housekeeping.sweep, self.store)  # retention
                 if check_nodes:
                     last_nodes = time.time()
                     await self._check_nodes()
@@ -299,6 +310,7 @@ class SupervisorActor:
                     self.store.requeue(run_id, force=True)
             else:
                 self.stats["lease_expiries"] += 1
+                note_lease_expired(self.store)  # metrics
                 crash = self.store.last_crash(run_id, clear=True)
                 reason = f"activation crashed: {crash}" if crash else "lease expired"
                 self.loop.call_soon_threadsafe(self._run_died, run_id, info.epoch, reason)

@@ -21,6 +21,8 @@ from undying.actors._state import Approval, Cancel, args_hash
 from undying.cluster import Settings, connect_store, init_ray
 from undying.persistence import TERMINAL, CheckpointStore, RunInfo, RunNotFound, UndyingError, decode
 
+from ._observe import Observing, observe_options
+
 
 class RunTimeout(UndyingError):
     pass
@@ -51,7 +53,9 @@ class RunResult:
     tool_calls: int
 
 
-class Undying:
+class Undying(Observing):
+    """The Python API. Watching, history, forks, cleanup and metrics: `undying._observe`."""
+
     def __init__(self, settings: Settings | None = None, *, store: CheckpointStore | None = None,
                  actor_options: dict[str, Any] | None = None, supervise: bool = True,
                  policy: dict[str, Any] | None = None) -> None:
@@ -64,7 +68,8 @@ class Undying:
         self.settings = settings or Settings.from_env()
         self.store = store if store is not None else connect_store(self.settings)
         self.redis_url: str = getattr(self.store, "url", "")
-        self.actor_options = dict(actor_options or {})
+        # UNDYING_EXPORTER_PORT / _ADDR, UNDYING_RETENTION: for the supervisor (_observe)
+        self.actor_options = {**observe_options(), **dict(actor_options or {})}
         self.supervise = supervise
         self.policy = policy
         self._supervisor: Any = None

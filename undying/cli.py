@@ -170,19 +170,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    ud = _client()
-    events = ud.history(args.run)
-    if args.json:
-        print(json.dumps([e.model_dump(mode="json") for e in events]))
-        return 0
-    print(f"{'step':>4}  {'kind':<12} {'status':<9} {'epoch':>5} {'duration':>10} "
-          f"{'bytes':>7}  summary")
-    for e in events:
-        size = e.snapshot_bytes or e.delta_bytes
-        mark = "S" if e.snapshot_bytes else " "
-        print(f"{e.step:4d}  {e.kind:<12} {e.status:<9} {e.epoch:5d} {_fmt_ms(e.duration_ms)} "
-              f"{size:6d}{mark}  {e.summary[:60]}")
-    return 0
+    from undying._cli_observe import cmd_history as history
+
+    return history(args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -257,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     from undying import _cli_approvals
 
     _cli_approvals.add_parsers(sub)
+
+    from undying import _cli_observe
+
+    _cli_observe.add_parsers(sub)  # watch, fork, gc, exporter
     return p
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from undying.actors import Agent, RunState, create_run
+from undying.actors.http_sink import HttpSink
 from undying.actors.inline import run_until_done
 from undying.actors.scripted import POLICIES, ScriptedModel, policy
 from undying.persistence import CheckpointStore, MemoryStore
@@ -19,14 +20,19 @@ __all__ = [
     "POLICIES",
     "CrashAfter",
     "FakeClock",
+    "HttpSink",
     "MemoryStore",
     "RecordingStore",
     "ScriptedModel",
     "SimulatedCrash",
+    "echo_agent",
     "fanout_agent",
     "policy",
     "resume_inline",
     "run_inline",
+    "sink_agent",
+    "sink_answer",
+    "sink_task",
 ]
 
 
@@ -173,3 +179,82 @@ def fanout_agent(latency_s: float = 0.0, latency_max_s: float | None = None,
 
 
 fanout = fanout_agent()
+
+
+# -- side effects against a local HTTP sink (`HttpSink`) ------------------------------------
+
+
+def sink_task(url: str, item: str, mode: str) -> str:
+    """The task for `sink_agent`: deliver ``item`` to the sink at ``url`` once, with the
+    ``keyed`` tool (``http_post``) or the ``at_most_once`` one (``http_post_once``)."""
+    if mode not in ("keyed", "once"):
+        raise ValueError(f"mode must be 'keyed' or 'once', not {mode!r}")
+    return f"deliver {item} to {url} {mode}"
+
+
+def sink_answer(item: str, output: str) -> str:
+    """What `sink_agent` answers once its call returned ``output`` (a tool message's text)."""
+    import json
+
+    if output.startswith("error"):
+        return f"{item}: not delivered: {output}"
+    reply = json.loads(output)
+    receipt = json.loads(reply["body"]).get("receipt") if reply["status"] == 200 else None
+    return f"{item}: HTTP {reply['status']}, receipt {receipt}"
+
+
+@policy("sink")
+def _sink_policy(messages: Any, tools: Any) -> Any:
+    """One delivery, then an answer built from what the sink said (no model turn in between
+    depends on timing, so every run of one delivery answers the same)."""
+    from undying.actors import ChatMessage, ToolCallRequest
+
+    task = next(m.content for m in messages if m.role == "user")
+    _, item, _, url, mode = task.split()
+    results = [m for m in messages if m.role == "tool"]
+    if results:
+        return ChatMessage(role="assistant", content=sink_answer(item, results[-1].content))
+    name = "http_post" if mode == "keyed" else "http_post_once"
+    return ChatMessage(role="assistant", content=f"delivering {item}", tool_calls=(
+        ToolCallRequest(id="d0", name=name, arguments={
+            "url": f"{url}/deliveries", "body": {"key": item, "item": item}}),))
+
+
+def _make_sink_agent() -> Agent:
+    from undying.actors import Agent as _Agent
+    from undying.actors import Budgets, ModelSpec
+    from undying.actors.builtin_tools import http_post, http_post_once
+
+    return _Agent("sink-client", version="1", model=ModelSpec(provider="scripted", name="sink"),
+                  tools=[http_post, http_post_once], memory=False,
+                  # the sink listens on a free loopback port, named in the task
+                  config={"http_allow": ["127.0.0.1:*"], "http_timeout_s": 60,
+                          "http_retries": 2},
+                  budgets=Budgets(max_steps=20), ref="undying.testing:sink_agent")
+
+
+sink_agent = _make_sink_agent()
+
+
+# -- one model call and an answer (load tests: the model is all there is) ---------------------
+
+
+@policy("echo")
+def _echo_policy(messages: Any, tools: Any) -> Any:
+    from undying.actors import ChatMessage
+
+    task = next((m.content for m in messages if m.role == "user"), "")
+    return ChatMessage(role="assistant", content=f"echo: {task}")
+
+
+def _make_echo_agent() -> Agent:
+    from undying.actors import Agent as _Agent
+    from undying.actors import ModelSpec
+
+    # runs override the model (a provider's URL is configuration): the spec travels in the
+    # run's checkpoint; executors import this module only for its tools (none) and policies
+    return _Agent("echo", version="1", model=ModelSpec(provider="scripted", name="echo"),
+                  memory=False, ref="undying.testing:echo_agent")
+
+
+echo_agent = _make_echo_agent()

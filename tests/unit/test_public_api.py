@@ -114,15 +114,20 @@ PUBLIC = {
     "undying.testing": [
         "CrashAfter",
         "FakeClock",
+        "HttpSink",
         "MemoryStore",
         "POLICIES",
         "RecordingStore",
         "ScriptedModel",
         "SimulatedCrash",
+        "echo_agent",
         "fanout_agent",
         "policy",
         "resume_inline",
         "run_inline",
+        "sink_agent",
+        "sink_answer",
+        "sink_task",
     ],
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -216,6 +217,20 @@ def end_run(store: Any, run_id: str, status: str, reason: str) -> RunState:
 Dispatch = Callable[[list[EffectRequest]], None]
 
 
+@dataclass(frozen=True)
+class Warm:
+    """What a host keeps of a run it passivated (see `RunEngine.activate`)."""
+
+    epoch: int
+    step: int
+    state: RunState
+    seen: set[str]
+    journal_bytes: int
+    snapshot_bytes: int
+    read_cursor: str
+    agent: Agent
+
+
 class RunEngine:
     """One activation of one run. ``dispatch`` sends model and tool calls to an executor."""
 
@@ -246,13 +261,29 @@ class RunEngine:
         self.snapshot_bytes = 0
         self.queue: collections.deque[tuple[Message, str | None, float]] = collections.deque()
         self.steps = 0
+        self.warm_hit = False
         self.metrics = recorder_for(store)  # metrics: in process, flushed to Redis each second
 
     # -- activation ---------------------------------------------------------
 
-    def activate(self, epoch: int, clean: bool = True) -> RunState:
-        """Load and resume, under an epoch the caller took with the run's lease."""
+    def activate(self, epoch: int, clean: bool = True, *, warm: Warm | None = None,
+                 step: int | None = None) -> RunState:
+        """Load and resume, under an epoch the caller took with the run's lease.
+
+        ``warm``: what this process kept of the run when it passivated it. It is used
+        instead of a reload when nobody took the run since (the epoch this activation took
+        is the very next one, and the checkpoint is at the same step): the cost of a step
+        then grows with the step, not with the run, however often it passivates.
+        """
         self.epoch = epoch
+        if (warm is not None and clean and warm.epoch == epoch - 1
+                and (step is None or warm.step == step)):
+            self.state, self.seen, self.agent = warm.state, warm.seen, warm.agent
+            self.journal_bytes, self.snapshot_bytes = warm.journal_bytes, warm.snapshot_bytes
+            self.read_cursor = warm.read_cursor
+            self.warm_hit = True
+            self.pull_inbox()
+            return self.state
         state, loaded = load_state(self.store, self.run_id)
         self.state = state
         self.seen = set(loaded.seen)
@@ -306,6 +337,14 @@ class RunEngine:
                               tokens=cs.usage.tokens + cs.delegation.tokens,
                               steps=cs.step + cs.delegation.steps)
             self.store.deliver(self.run_id, encode_message(msg, self.run_id))
+
+    def keep(self) -> Warm | None:
+        """What to keep of a run just passivated, for its next activation here."""
+        s = self.state
+        if s is None or s.status in TERMINAL or self.agent is None:
+            return None
+        return Warm(self.epoch, s.step, s, self.seen, self.journal_bytes, self.snapshot_bytes,
+                    self.read_cursor, self.agent)
 
     def pull_inbox(self) -> int:
         """Queue inbox entries not yet read."""

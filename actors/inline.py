@@ -15,7 +15,7 @@ from typing import Any
 
 from undying.persistence import TERMINAL, UndyingError
 
-from ._engine import RunEngine
+from ._engine import RunEngine, Warm
 from ._executor import EffectRequest, Executor
 from ._state import Message, RunState
 
@@ -47,6 +47,7 @@ class InlineHost:
                                  hold=self._hold if effect_concurrency == 1 else None,
                                  on_crash=self._on_crash, on_done=self.wake.set)
         self.tree: set[str] = set()
+        self.warm: dict[str, Warm] = {}  # runs passivated here: re-activated without a reload
         self.recovered: set[str] | None = set() if recover else None
 
     def _on_crash(self, exc: BaseException) -> None:
@@ -82,11 +83,14 @@ class InlineHost:
         if self.recovered is not None and run_id not in self.recovered:
             self.recovered.add(run_id)
             clean = False
-        engine.activate(act.epoch, clean)
+        engine.activate(act.epoch, clean, warm=self.warm.pop(run_id, None), step=act.step)
         while True:
             engine.drain()
             outcome = self.store.passivate(run_id, engine.epoch, engine.read_cursor)
             if outcome == "ok":
+                kept = engine.keep()
+                if kept is not None:
+                    self.warm[run_id] = kept
                 return engine.state
             if outcome == "outbox":
                 engine.relay_outbox()

@@ -21,6 +21,7 @@ lease back at once, so it is restarted without waiting.
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import random
 import threading
@@ -39,7 +40,7 @@ from undying.persistence import (
     UndyingError,
 )
 
-from ._engine import RunEngine
+from ._engine import RunEngine, Warm
 from ._executor import EffectRequest
 from ._state import RunState
 
@@ -74,7 +75,12 @@ class RunHost:
         self.unconfirmed: dict[Any, list[EffectRequest]] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.stats = {"activations": 0, "steps": 0, "busy": 0, "fenced": 0, "crashed": 0}
+        self.stats = {"activations": 0, "steps": 0, "busy": 0, "fenced": 0, "crashed": 0,
+                      "warm": 0, "loaded": 0}
+        # runs this host passivated, kept to re-activate them without a reload (see
+        # RunEngine.activate); their next wake-up is queued to this host first
+        self.warm: collections.OrderedDict[str, Warm] = collections.OrderedDict()
+        self.warm_max = int(opts.get("warm_runs", 256))
         self.last_error = ""
         atexit.register(self._drain)
         self.store.host_heartbeat(self.hid, self._record())
@@ -110,14 +116,22 @@ class RunHost:
                            compact_ratio=self.compact_ratio,
                            after_commit=self._pause if self.pause_s else None)
         try:
-            engine.activate(act.epoch, act.clean)
+            engine.activate(act.epoch, act.clean, warm=self.warm.pop(run_id, None),
+                            step=act.step)
+            self.stats["warm" if engine.warm_hit else "loaded"] += 1
             while True:
                 engine.drain()
-                outcome = self.store.passivate(run_id, engine.epoch, engine.read_cursor)
+                outcome = self.store.passivate(run_id, engine.epoch, engine.read_cursor,
+                                               self.hid)
                 if outcome == "ok":
                     break
                 if outcome == "outbox":
                     engine.relay_outbox()
+            kept = engine.keep()
+            if kept is not None:
+                self.warm[run_id] = kept
+                while len(self.warm) > self.warm_max:
+                    self.warm.popitem(last=False)  # the least recently passivated
         except Fenced:
             self.stats["fenced"] += 1  # a newer activation owns the run: drop it
         except (CorruptCheckpoint, Quarantined, RunNotFound):

@@ -7,7 +7,8 @@ from typing import Any
 INDEX = "ud:index"  # hash run -> status
 COUNTERS = "ud:counters"  # cluster-wide counters that survive every process
 LEASES = "ud:leases"  # zset run -> lease expiry (ms) of runs a host holds
-READY = "ud:ready"  # list of runs queued for activation
+READY = "ud:ready"  # list of runs queued for activation (any host)
+BELL = "ud:bell"  # a doorbell per queued run: hosts block on it
 FX_DUE = "ud:fx:due"  # zset "run|effect" -> when its dispatch is due to be claimed or renewed
 TIMERS = "ud:timers"  # zset "run|timer" -> when it fires (ms)
 APPROVALS = "ud:approvals"  # zset "run|call" -> since when it waits for someone's decision (ms)
@@ -26,6 +27,15 @@ def _state_key(status: str) -> str:
 def _taking(host: str) -> str:
     """The runs a host took from the ready queue and is activating (a reliable queue)."""
     return f"ud:taking:{host}"
+
+
+def _own_ready(host: str) -> str:
+    """Runs queued for one host first: it held them last, their state may be warm there."""
+    return f"{READY}:{host}"
+
+
+def _own_bell(host: str) -> str:
+    return f"{BELL}:{host}"
 
 
 def _execset(executor: str) -> str:

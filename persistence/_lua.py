@@ -121,9 +121,35 @@ return {'OK', tonumber(redis.call('HGET', meta, 'journal_bytes')),
         tonumber(redis.call('HGET', meta, 'journal_len')), recovered}
 """
 
+# Queue a run for activation, preferring the host that last held it (its state may still be
+# warm there) when that host is alive and not already behind; a doorbell goes with it, so
+# the host blocked on its bells wakes up. Global keys built here: see the module docstring.
+_ENQUEUE = """
+local function enqueue(run, meta)
+  local h = redis.call('HGET', meta, 'host')
+  if h and h ~= '' and redis.call('HEXISTS', 'ud:hosts', h) == 1
+     and redis.call('LLEN', 'ud:ready:' .. h) < 2 then
+    redis.call('RPUSH', 'ud:ready:' .. h, run)
+    redis.call('RPUSH', 'ud:bell:' .. h, 1)
+  else
+    redis.call('RPUSH', 'ud:ready', run)
+    redis.call('RPUSH', 'ud:bell', 1)
+  end
+end
+"""
+
+# KEYS: own-ready global-ready taking
+# A host takes a run: its own queue first, then the global one; into its taking list, so
+# a host that dies before activating it loses nothing.
+TAKE = """
+local run = redis.call('LMOVE', KEYS[1], KEYS[3], 'LEFT', 'RIGHT')
+if not run then run = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT') end
+return run
+"""
+
 # KEYS: meta snap inbox index lease ready  ARGV: run_id agent parent now snapshot first_message
 # A new run with a first message is queued for activation in the same step.
-CREATE = """
+CREATE = _ENQUEUE + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'EXISTS' end
 redis.call('HSET', KEYS[1], 'epoch', 0, 'step', 0, 'status', 'pending', 'snap_step', 0,
            'snap_bytes', #ARGV[5], 'journal_bytes', 0, 'journal_len', 0, 'agent', ARGV[2],
@@ -134,7 +160,7 @@ redis.call('SADD', 'ud:state:pending', ARGV[1])
 if ARGV[6] ~= '' then
   redis.call('XADD', KEYS[3], '*', 'm', ARGV[6])
   redis.call('SET', KEYS[5], 'ready')
-  redis.call('RPUSH', KEYS[6], ARGV[1])
+  enqueue(ARGV[1], KEYS[1])
 end
 if ARGV[3] ~= '' then redis.call('HINCRBY', 'ud:counters', 'spawns_total', 1) end
 return 'OK'
@@ -159,10 +185,10 @@ if TERMINAL[status] then return {'ENDED', ''} end
 local id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'ACTIVE', id} end
 redis.call('SET', KEYS[3], 'ready')
-redis.call('RPUSH', KEYS[4], ARGV[1])
+enqueue(ARGV[1], KEYS[1])
 return {'QUEUED', id}
 """
-DELIVER = _TERMINAL + _DELIVER_BODY
+DELIVER = _TERMINAL + _ENQUEUE + _DELIVER_BODY
 
 # KEYS: meta lease leases taking counters index
 # ARGV: run_id owner ttl_ms now_ms
@@ -187,11 +213,12 @@ if not TERMINAL[status] and status ~= 'running' then
   status = 'running'
 end
 redis.call('HINCRBY', KEYS[5], 'activations_total', 1)
-return {'OK', epoch, clean, status}
+return {'OK', epoch, clean, status, redis.call('HGET', KEYS[1], 'step')}
 """
 
-# KEYS: meta lease leases inbox outbox index counters  ARGV: run_id epoch cursor
-# Give the run's process back, unless something arrived meanwhile (then keep going).
+# KEYS: meta lease leases inbox outbox index counters  ARGV: run_id epoch cursor host
+# Give the run's process back, unless something arrived meanwhile (then keep going). The
+# host is remembered: the run's next wake-up goes to it first, where its state is warm.
 PASSIVATE = _TERMINAL + """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
 if cur == -1 then return 'NOTFOUND' end
@@ -203,7 +230,7 @@ if not TERMINAL[status] and #redis.call('XRANGE', KEYS[4], '(' .. ARGV[3], '+', 
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HSET', KEYS[1], 'clean', 1)
+redis.call('HSET', KEYS[1], 'clean', 1, 'host', ARGV[4] or '')
 if not TERMINAL[status] and status ~= 'waiting' then
   redis.call('SREM', 'ud:state:' .. status, ARGV[1])
   redis.call('SADD', 'ud:state:waiting', ARGV[1])
@@ -224,7 +251,10 @@ local cur = redis.call('GET', KEYS[2])
 if cur and cur ~= 'ready' and ARGV[2] ~= '1' then return 'BUSY' end
 redis.call('SET', KEYS[2], 'ready')
 redis.call('ZREM', KEYS[3], ARGV[1])
+-- the host that last held it may be the one that died: no preference here
+redis.call('HSET', KEYS[1], 'host', '')
 redis.call('RPUSH', KEYS[4], ARGV[1])
+redis.call('RPUSH', 'ud:bell', 1)
 return 'OK'
 """
 
@@ -288,7 +318,7 @@ return 1
 
 # KEYS: meta inbox lease ready fx fxdue execset  ARGV: run_id message effect_id attempt member
 # The result goes to the run's inbox and the dispatch record is dropped in one step.
-FX_COMPLETE = _TERMINAL + """
+FX_COMPLETE = _TERMINAL + _ENQUEUE + """
 redis.call('SREM', KEYS[7], ARGV[5])
 local cur = redis.call('HGET', KEYS[5], ARGV[3])
 if cur and string.sub(cur, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then

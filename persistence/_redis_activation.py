@@ -20,7 +20,20 @@ from typing import Any, TypeVar
 import redis
 
 from ._errors import Fenced, Quarantined, RunNotFound
-from ._keys import FX_DUE, HOSTS, LEASES, READY, TIMERS, _execset, _k, _s, _taking
+from ._keys import (
+    BELL,
+    FX_DUE,
+    HOSTS,
+    LEASES,
+    READY,
+    TIMERS,
+    _execset,
+    _k,
+    _own_bell,
+    _own_ready,
+    _s,
+    _taking,
+)
 from ._store import Activation, Claim, Delivery
 
 T = TypeVar("T")
@@ -51,24 +64,31 @@ class RedisActivation:
     _fx_complete: Any
     _fx_heartbeat: Any
     _fx_start: Any
+    _take: Any
     _blocking: Any
 
     # -- the ready queue and activation ----------------------------------------
 
     def take(self, host: str, timeout_s: float) -> str | None:
-        """Block until a run is queued for activation; move it to this host's list."""
-        if timeout_s <= 0:
-            got = self._retry(lambda: self.r.lmove(READY, _taking(host), "LEFT", "RIGHT"))
+        """A run to activate: this host's own queue first (runs it held last), then the
+        global one; moved into this host's taking list. Waits up to ``timeout_s`` on the
+        doorbells that come with every queued run (0: do not wait)."""
+        def take_now() -> str | None:
+            got = self._take(keys=[_own_ready(host), READY, _taking(host)])
             return None if got is None else _s(got)
-        if self._blocking is None:
-            self._blocking = redis.Redis.from_url(self.url, socket_timeout=timeout_s + 10,
-                                                  socket_connect_timeout=2)
-        try:
-            got = self._blocking.blmove(READY, _taking(host), timeout_s, "LEFT", "RIGHT")
-        except (redis.ConnectionError, redis.TimeoutError):
-            time.sleep(min(timeout_s, 0.5))  # the store is down: the caller simply asks again
-            return None
-        return None if got is None else _s(got)
+
+        if timeout_s > 0:
+            if self._blocking is None:
+                self._blocking = redis.Redis.from_url(self.url, socket_timeout=timeout_s + 10,
+                                                      socket_connect_timeout=2)
+            try:
+                # a doorbell says a run was queued; a lost one (its host died) costs at most
+                # one timeout, since the queues themselves are the truth
+                self._blocking.blpop([_own_bell(host), BELL], timeout_s)
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(min(timeout_s, 0.5))  # the store is down: the caller asks again
+                return None
+        return self._retry(take_now)  # type: ignore[no-any-return]
 
     def activate(self, run_id: str, host: str, owner: str, ttl_ms: int) -> Activation | None:
         """Take the run's lease with a new epoch; None if another host holds it."""
@@ -83,14 +103,15 @@ class RedisActivation:
             raise RunNotFound(run_id)
         if tag == "QUARANTINED":
             raise Quarantined(run_id, _s(res[1]))
-        return Activation(run_id, int(res[1]), _s(res[3]), _s(res[2]) == "1")
+        return Activation(run_id, int(res[1]), _s(res[3]), _s(res[2]) == "1", int(res[4] or 0))
 
-    def passivate(self, run_id: str, epoch: int, cursor: str) -> str:
-        """Give the run's process back: "ok", or "more" / "outbox" (keep going), or raises."""
+    def passivate(self, run_id: str, epoch: int, cursor: str, host: str = "") -> str:
+        """Give the run's process back: "ok", or "more" / "outbox" (keep going), or raises.
+        ``host``: where its next wake-up should go first (its state is warm there)."""
         res = _s(self._retry(lambda: self._passivate(
             keys=[_k(run_id, "meta"), _k(run_id, "lease"), LEASES, _k(run_id, "inbox"),
                   _k(run_id, "outbox"), "ud:index", "ud:counters"],
-            args=[run_id, epoch, cursor])))
+            args=[run_id, epoch, cursor, host])))
         if res == "FENCED":
             raise Fenced(run_id, epoch, -1)
         if res == "NOTFOUND":
@@ -110,7 +131,14 @@ class RedisActivation:
         return self._retry(lambda: self.r.get(_k(run_id, "lease"))) == b"ready"
 
     def ready_len(self) -> int:
-        return int(self._retry(lambda: self.r.llen(READY)))
+        """Runs queued for activation, in the global queue and every host's own."""
+        def count() -> int:
+            n = int(self.r.llen(READY))
+            for key in self.r.scan_iter(match=f"{READY}:*", count=1000):
+                n += int(self.r.llen(key))
+            return n
+
+        return int(self._retry(count))
 
     # -- leases ------------------------------------------------------------------
 
@@ -227,12 +255,16 @@ class RedisActivation:
         return out
 
     def forget_host(self, host: str) -> int:
-        """Put back every run the host took but did not activate; drop the host. Returns how many."""
+        """Put back every run queued for the host or taken by it and not activated; drop the
+        host. Returns how many."""
         def do() -> int:
             n = 0
-            while self.r.lmove(_taking(host), READY, "LEFT", "RIGHT") is not None:
-                n += 1
-            self.r.hdel(HOSTS, host)
+            self.r.hdel(HOSTS, host)  # first: nothing is queued for it from now on
+            for src in (_taking(host), _own_ready(host)):
+                while self.r.lmove(src, READY, "LEFT", "RIGHT") is not None:
+                    self.r.rpush(BELL, 1)
+                    n += 1
+            self.r.delete(_own_bell(host))
             return n
 
         return int(self._retry(do))

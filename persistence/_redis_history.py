@@ -60,6 +60,7 @@ for _ = 1, nt do
 end
 redis.call('SET', KEYS[4], 'ready')
 redis.call('RPUSH', KEYS[5], run)
+redis.call('RPUSH', 'ud:bell', 1)
 redis.call('HINCRBY', KEYS[11], 'forks_total', 1)
 return 'OK'
 """

@@ -64,6 +64,7 @@ class MemoryStore:
         self._restarts: dict[str, list[float]] = {}
         self.ready: list[str] = []
         self._taking: dict[str, list[str]] = {}
+        self._own: dict[str, list[str]] = {}  # host -> runs queued for it first
         self.fx_due: dict[str, int] = {}  # "run|effect" -> due ms
         self._execsets: dict[str, set[str]] = {}
         self.timers: dict[str, int] = {}  # "run|timer" -> due ms
@@ -111,7 +112,7 @@ class MemoryStore:
             if first_message:
                 run.inbox.append((self._new_id(), first_message))
                 run.lease = "ready"
-                self.ready.append(run_id)
+                self._enqueue(run_id, run)
             if parent:
                 self._count("spawns_total")
             self._runs[run_id] = run
@@ -243,8 +244,18 @@ class MemoryStore:
         if self._lease_value(run_id, run) is not None:
             return Delivery(eid, "active")
         run.lease = "ready"
-        self.ready.append(run_id)
+        self._enqueue(run_id, run)
         return Delivery(eid, "queued")
+
+    def _enqueue(self, run_id: str, run: _Run) -> None:
+        """The host that held the run last first, if alive and not behind (as the Redis
+        store does)."""
+        host = str(run.meta.get("host", ""))
+        own = self._own.setdefault(host, []) if host and host in self._hosts else None
+        if own is not None and len(own) < 2:
+            own.append(run_id)
+        else:
+            self.ready.append(run_id)
 
     def read_inbox(self, run_id: str, after: str, count: int = 100) -> list[InboxEntry]:
         with self._lock:
@@ -329,11 +340,13 @@ class MemoryStore:
 
     def take(self, host: str, timeout_s: float) -> str | None:
         with self._cond:
-            if not self.ready and timeout_s > 0:
+            own = self._own.setdefault(host, [])
+            if not own and not self.ready and timeout_s > 0:
                 self._cond.wait(timeout_s)
-            if not self.ready:
+            queue = own if own else self.ready
+            if not queue:
                 return None
-            run_id = self.ready.pop(0)
+            run_id = queue.pop(0)
             self._taking.setdefault(host, []).append(run_id)
             return run_id
 
@@ -359,9 +372,9 @@ class MemoryStore:
                 status = "running"
                 self._set_status(run, status)
             self._count("activations_total")
-            return Activation(run_id, epoch, status, clean)
+            return Activation(run_id, epoch, status, clean, int(run.meta["step"]))
 
-    def passivate(self, run_id: str, epoch: int, cursor: str) -> str:
+    def passivate(self, run_id: str, epoch: int, cursor: str, host: str = "") -> str:
         with self._lock:
             run = self._get(run_id)
             if int(run.meta["epoch"]) != epoch:
@@ -374,6 +387,7 @@ class MemoryStore:
             run.lease = None
             self._leases.pop(run_id, None)
             run.meta["clean"] = 1
+            run.meta["host"] = host
             if status not in TERMINAL:
                 self._set_status(run, "waiting")
             self._count("passivations_total")
@@ -387,6 +401,7 @@ class MemoryStore:
                 return "busy"
             run.lease = "ready"
             self._leases.pop(run_id, None)
+            run.meta["host"] = ""  # the host that held it may be the one that died
             self.ready.append(run_id)
             self._cond.notify_all()
             return "ok"
@@ -413,7 +428,7 @@ class MemoryStore:
             return self._crashes.pop(run_id, "") if clear else self._crashes.get(run_id, "")
 
     def ready_len(self) -> int:
-        return len(self.ready)
+        return len(self.ready) + sum(len(q) for q in self._own.values())
 
     def host_heartbeat(self, host: str, record: str) -> None:
         with self._lock:
@@ -425,7 +440,7 @@ class MemoryStore:
 
     def forget_host(self, host: str) -> int:
         with self._cond:
-            taken = self._taking.pop(host, [])
+            taken = self._taking.pop(host, []) + self._own.pop(host, [])
             self.ready.extend(taken)
             self._hosts.pop(host, None)
             self._cond.notify_all()

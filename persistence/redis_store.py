@@ -103,6 +103,7 @@ class RedisStore(RedisActivation, RedisHistory):
         self._fx_complete = self.r.register_script(lua.FX_COMPLETE)
         self._fx_heartbeat = self.r.register_script(lua.FX_HEARTBEAT)
         self._fx_start = self.r.register_script(lua.FX_START)
+        self._take = self.r.register_script(lua.TAKE)
         # BLMOVE blocks its connection: the ready queue gets a client of its own
         self._blocking: Any = None
 

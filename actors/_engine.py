@@ -18,8 +18,8 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from undying.persistence import (

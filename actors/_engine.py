@@ -48,6 +48,7 @@ from ._state import (
     ChildResult,
     Context,
     Effect,
+    EffectLost,
     Envelope,
     Message,
     RunState,
@@ -313,7 +314,7 @@ class RunEngine:
                               else CallTool(effect_id=eid))
             elif rec[len(str(p.attempt)):].startswith(("|c|", "|s|")) and self.lost is not None \
                     and self.lost(rec.split("|", 2)[2]):
-                report_lost(self.store, self.run_id, eid, p.attempt, started=rec_started(rec),
+                report_lost(self.store, self.run_id, eid, p.attempt, started=rec_started(rec), record=rec,
                             reason="its executor died with the run's last activation")
         if resend:
             self.dispatch(self._requests(state, resend))
@@ -380,6 +381,8 @@ class RunEngine:
         assert self.state is not None
         if entry_id is not None and msg.id in self.seen:
             return  # a redelivered message: applied before
+        if isinstance(msg, EffectLost) and self._stale(msg):
+            return  # the dispatch it calls lost was claimed by another executor since
         old = self.state
         new, effects = decide(old, msg)
         if new is not old:
@@ -390,6 +393,16 @@ class RunEngine:
         self._drop_dispatches(old, new, msg)
         if self.on_applied is not None:
             self.on_applied(msg)
+
+    def _stale(self, msg: EffectLost) -> bool:
+        """A loss report races a re-send of the same dispatch (a restart re-sends what nobody
+        claimed): if the record it saw has changed since and shows the same attempt claimed
+        by another executor, that one is running it, and dispatching it again would run it
+        twice. A report that saw nothing, or whose record is unchanged, stands."""
+        if not msg.record:
+            return False
+        rec = self.store.fx_records(self.run_id).get(msg.effect_id, "")
+        return rec != msg.record and rec.startswith((f"{msg.attempt}|c|", f"{msg.attempt}|s|"))
 
     def _drop_dispatches(self, old: RunState, new: RunState, msg: Message) -> None:
         """Forget the dispatch records of calls the run no longer waits for without a

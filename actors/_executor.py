@@ -262,7 +262,7 @@ class Executor:
             rec = self.store.fx_records(run_id).get(eid, "")
             if not rec.startswith(f"{attempt}|"):
                 continue  # answered or dispatched again since
-            report_lost(self.store, run_id, eid, attempt, started=rec_started(rec),
+            report_lost(self.store, run_id, eid, attempt, started=rec_started(rec), record=rec,
                         reason=f"{reason} (executor {self.name}#{inc})")
         self.store.executor_forget(self.name, lost)
         return len(lost)
@@ -294,12 +294,14 @@ def rec_started(record: str) -> bool:
 
 
 def report_lost(store: Any, run_id: str, effect_id: str, attempt: int, *, started: bool,
-                reason: str) -> None:
-    """Tell a run that one dispatch of a call was lost (deduplicated by its message id)."""
+                reason: str, record: str = "") -> None:
+    """Tell a run that one dispatch of a call was lost (deduplicated by its message id).
+    ``record``: the dispatch record the report is based on (the run ignores the report if
+    the record has changed since: claimed by another executor meanwhile)."""
     from undying.persistence import RunNotFound
 
     msg = EffectLost(id=f"lost:{effect_id}:{attempt}", effect_id=effect_id, attempt=attempt,
-                     started=started, reason=reason[:300])
+                     started=started, reason=reason[:300], record=record)
     try:
         store.deliver(run_id, message_bytes(msg, run_id))
     except RunNotFound:

@@ -287,8 +287,9 @@ class EffectLost(Strict):
     id: str
     effect_id: str
     attempt: int
-    started: bool  # an executor claimed it: it may have run
+    started: bool  # an at-most-once call had begun: it may have happened
     reason: str = ""
+    record: str = ""  # the dispatch record this report saw ("<attempt>|q", "<attempt>|c|<executor>")
 
 
 class Timer(Strict):

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -99,12 +100,20 @@ class SupervisorActor:
     async def _do_boot(self) -> None:
         self.events = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        problem = self.housekeeping.start_exporter(self.redis_url)
-        if problem:
-            self.log.append(f"{time.time():.3f} {problem}")
+        # Blocking calls (Redis, Ray's GCS) run in threads. Ray lookups can hang for seconds
+        # while a node dies: they get a pool of their own, so they never starve the scan,
+        # which runs in a thread of its own.
+        self.loop.set_default_executor(ThreadPoolExecutor(16, thread_name_prefix="sup"))
+        self.scan_pool = ThreadPoolExecutor(1, thread_name_prefix="scan")
         # supervision first: the pool may be half dead right now (that may be why we restarted)
         self._bg = [self.loop.create_task(self._event_loop()),
                     self.loop.create_task(self._scan_loop())]
+        try:
+            problem = self.housekeeping.start_exporter(self.redis_url)
+        except Exception as exc:  # observability must never stop supervision
+            problem = f"exporter not started: {exc!r}"
+        if problem:
+            self.log.append(f"{time.time():.3f} {problem}")
         for attempt in range(1000):
             try:
                 await self.ensure_pool()
@@ -191,8 +200,8 @@ class SupervisorActor:
     def _executor_gone(self, name: str, incarnation: str | None, reason: str) -> None:
         """Report the calls a dead executor claimed. Without its incarnation, every claim
         under its name but those of a live successor (a host may have made one already)."""
-        if incarnation is not None:
-            keep = None
+        if incarnation is not None or not lost_node_ok(name, self.alive_nodes):
+            keep = None  # its node is gone: no successor can be running under its name
         else:
             keep = _live_incarnation(name, self.namespace)
         claims = [c for c in self.store.executor_claims(name)
@@ -200,7 +209,7 @@ class SupervisorActor:
         for run_id, eid, attempt, _inc in claims:
             rec = self.store.fx_records(run_id).get(eid, "")
             if rec.startswith(f"{attempt}|"):
-                report_lost(self.store, run_id, eid, attempt, started=rec_started(rec),
+                report_lost(self.store, run_id, eid, attempt, started=rec_started(rec), record=rec,
                             reason=reason)
                 self.stats["lost_calls"] += 1
         self.store.executor_forget(name, claims)
@@ -289,7 +298,7 @@ class SupervisorActor:
             await asyncio.sleep(self.scan_s)
             check_nodes = time.time() - last_nodes > 1.0
             try:
-                await asyncio.to_thread(self._scan)
+                await self.loop.run_in_executor(self.scan_pool, self._scan)
                 await asyncio.to_thread(self.housekeeping.sweep, self.store)  # retention
                 if check_nodes:
                     last_nodes = time.time()
@@ -327,7 +336,7 @@ class SupervisorActor:
                 continue
             attempt = int(rec.split("|")[0])
             state = "never claimed" if rec.endswith("|q") else "claim not renewed"
-            report_lost(self.store, run_id, eid, attempt, started=rec_started(rec),
+            report_lost(self.store, run_id, eid, attempt, started=rec_started(rec), record=rec,
                         reason=f"dispatch {state} in time")
             self.stats["lost_calls"] += 1
             self.store.fx_postpone(run_id, eid, int((now + LOST_RECHECK_S) * 1000))
@@ -353,10 +362,15 @@ class SupervisorActor:
         self.alive_nodes = alive
 
 
+def lost_node_ok(executor: str, alive: set[str]) -> bool:
+    """Whether the executor's node is (still) alive, so a successor may run under its name."""
+    return executor.split(":", 1)[-1] in alive
+
+
 def _live_incarnation(name: str, namespace: str) -> str | None:
     try:
         ref: Any = ray.get_actor(name, namespace=namespace).info.remote()
-        info: Any = ray.get(ref, timeout=10)
+        info: Any = ray.get(ref, timeout=3)
         return str(info["incarnation"])
     except Exception:
         return None

@@ -82,7 +82,8 @@ class Agent:
         return names
 
     def tool_infos(self) -> dict[str, ToolInfo]:
-        infos = {n: ToolInfo(name=n, side_effect=t.side_effect) for n, t in self.tools.items()}
+        infos = {n: ToolInfo(name=n, side_effect=t.side_effect, reconcile=t.reconcile is not None)
+                 for n, t in self.tools.items()}
         for n in self._builtins():
             infos[n] = ToolInfo(name=n, side_effect="pure", builtin=True)
         return infos

@@ -42,6 +42,8 @@ from ._state import (
     ModelFailed,
     ModelReply,
     PendingEffect,
+    Reconcile,
+    Resolve,
     RunState,
     SendMessage,
     SetTimer,
@@ -84,7 +86,7 @@ def end_of_run(old: RunState, new: RunState) -> list[Effect]:
         out.append(SendMessage(to=new.parent_id, message=ChildResult(
             id=f"result:{new.run_id}", child_id=new.run_id, status=new.status,
             answer=new.result, error=new.error, tokens=new.usage.tokens + d.tokens,
-            steps=new.step + d.steps)))
+            steps=new.step + d.steps, cost_usd=new.usage.cost_usd + d.cost_usd)))
     return out
 
 
@@ -117,6 +119,8 @@ def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
         return _tool_result(state, msg)
     if isinstance(msg, Approval):
         return _approval(state, msg)
+    if isinstance(msg, Resolve):
+        return _resolve(state, msg)
     if isinstance(msg, ChildResult):
         return _child_result(state, msg)
     if isinstance(msg, EffectLost):
@@ -149,7 +153,9 @@ def recover(state: RunState) -> tuple[RunState, list[Effect]]:
 
 def mark_in_doubt(state: RunState, call_id: str) -> RunState:
     entry = state.journal[call_id]
-    journal = {**state.journal, call_id: entry.model_copy(update={"status": "in_doubt"})}
+    p = state.pending.get(call_id)
+    journal = {**state.journal, call_id: entry.model_copy(update={
+        "status": "in_doubt", "attempt": p.attempt if p is not None else entry.attempt})}
     pending = {k: v for k, v in state.pending.items() if k != call_id}
     return state.model_copy(update={
         "step": state.step + 1, "journal": journal, "pending": pending, "status": "waiting",
@@ -171,8 +177,11 @@ def _check_budgets(s: RunState) -> RunState:
         return s
     b = s.context.budgets
     tokens = s.usage.tokens + s.delegation.tokens  # the run's own and its subtree's
+    cost = s.usage.cost_usd + s.delegation.cost_usd
     reason = None
-    if s.step > b.max_steps:
+    if b.max_cost_usd is not None and cost > b.max_cost_usd:
+        reason = f"budget exceeded: cost ${cost:.4f} > ${b.max_cost_usd:.4f}"
+    elif s.step > b.max_steps:
         reason = f"budget exceeded: steps {s.step} > {b.max_steps}"
     elif tokens > b.max_tokens:
         reason = f"budget exceeded: tokens {tokens} > {b.max_tokens}"
@@ -244,7 +253,7 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
             known = ", ".join(sorted(tools)) or "none"
             convo.append(_tool_msg(tc, f"error: unknown tool {tc.name!r}; available: {known}"))
         elif info.builtin and tc.name == "delegate":
-            problem, delegation, more = _delegate(state, delegation, tc, step, i)
+            problem, delegation, more = _delegate(state, delegation, tc, step, i, usage)
             if problem is not None:
                 convo.append(_tool_msg(tc, problem))
             spawns.extend(more)
@@ -272,19 +281,22 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
     return _call_model(state, pending=pending, **update)
 
 
-def _child_caps(state: RunState, spawned: int) -> Budgets:
+def _child_caps(state: RunState, spawned: int, usage: Usage) -> Budgets:
     """What a child may use at most: what this run has left (a child cannot exceed it)."""
     b = state.context.budgets
+    cost_left = (None if b.max_cost_usd is None else
+                 b.max_cost_usd - usage.cost_usd - state.delegation.cost_usd)
     return b.model_copy(update={
+        "max_cost_usd": cost_left,
         "max_steps": b.max_steps - state.step,
-        "max_tokens": b.max_tokens - state.usage.tokens - state.delegation.tokens,
-        "max_tool_calls": b.max_tool_calls - state.usage.tool_calls,
+        "max_tokens": b.max_tokens - usage.tokens - state.delegation.tokens,
+        "max_tool_calls": b.max_tool_calls - usage.tool_calls,
         "max_children": max(0, b.max_children - spawned),
     })
 
 
 def _delegate(state: RunState, d: Delegation, tc: ToolCallRequest, step: int,
-              index: int) -> tuple[str | None, Delegation, list[Effect]]:
+              index: int, usage: Usage) -> tuple[str | None, Delegation, list[Effect]]:
     """Open a delegation group: (error for the model, or None; new ledger; spawn messages)."""
     ctx, b = state.context, state.context.budgets
     args = tc.arguments
@@ -313,7 +325,7 @@ def _delegate(state: RunState, d: Delegation, tc: ToolCallRequest, step: int,
     if d.spawned + len(tasks) > b.max_children:
         return (f"error: fan-out budget: {d.spawned} sub-agents spawned of at most "
                 f"{b.max_children}; {len(tasks)} more is too many"), d, []
-    caps = _child_caps(state, d.spawned + len(tasks))
+    caps = _child_caps(state, d.spawned + len(tasks), usage)
     if caps.max_steps < 2 or caps.max_tokens < 1:
         return ("error: not enough budget left to delegate "
                 f"({caps.max_steps} steps, {caps.max_tokens} tokens)"), d, []
@@ -366,6 +378,38 @@ def _tool_result(state: RunState, msg: ToolResult) -> tuple[RunState, list[Effec
     return _call_model(state, journal=journal, pending=pending, conversation=convo)
 
 
+def _resolve(state: RunState, msg: Resolve) -> tuple[RunState, list[Effect]]:
+    """Settle an in-doubt call: done (its output goes to the model), failed, or retry."""
+    eid = msg.call_id
+    entry = state.journal.get(eid)
+    if entry is None or entry.status != "in_doubt":
+        return state, []  # a duplicate, or a call that is not in doubt
+    record = {"outcome": msg.outcome, "by": msg.by, "at_ms": msg.at_ms, "reason": msg.reason}
+    others = [e for e in state.journal.values() if e.status == "in_doubt" and e.call_id != eid]
+    error = state.error if others else None
+    if msg.outcome == "retry":
+        attempt = entry.attempt + 1
+        journal = {**state.journal, eid: entry.model_copy(update={
+            "status": "intent", "attempt": attempt, "resolution": record})}
+        pending = {**state.pending, eid: PendingEffect(effect_id=eid, kind="tool",
+                                                       step=entry.step, attempt=attempt)}
+        new = _advance(state, status="running", error=error, journal=journal, pending=pending)
+        return new, ([] if new.status in TERMINAL else [CallTool(effect_id=eid)])
+    done = msg.outcome == "done"
+    why = f"in doubt, settled as failed by {msg.by}" + (f": {msg.reason}" if msg.reason else "")
+    journal = {**state.journal, eid: entry.model_copy(update={
+        "status": "done" if done else "error", "result": msg.output if done else None,
+        "error": None if done else why, "resolution": record})}
+    tc = ToolCallRequest(id=entry.model_call_id, name=entry.tool, arguments=entry.arguments)
+    convo = (*state.conversation, _tool_msg(tc, msg.output if done else f"error: {why}"))
+    if (any(p.kind == "tool" for p in state.pending.values()) or others
+            or _waiting_for_children(state.delegation)):
+        status = "waiting" if others else "running"
+        return _advance(state, status=status, error=error, journal=journal,
+                        conversation=convo), []
+    return _call_model(state, error=error, journal=journal, conversation=convo)
+
+
 def _await_approval(state: RunState, msg: ToolResult) -> tuple[RunState, list[Effect]]:
     """The tool did not run: record the request and wait (passivated) for a decision."""
     eid = msg.effect_id
@@ -414,6 +458,7 @@ def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Eff
         "order": (*d.order, child),
         "tokens": d.tokens + msg.tokens,
         "steps": d.steps + msg.steps,
+        "cost_usd": d.cost_usd + msg.cost_usd,
     })
     convo = state.conversation
     effects: list[Effect] = []
@@ -470,7 +515,10 @@ def _effect_lost(state: RunState, msg: EffectLost) -> tuple[RunState, list[Effec
             f"the {what} call {eid} was lost {msg.attempt} times (its executor died each "
             f"time); last: {msg.reason or 'no reason given'}")), []
     if p.kind == "tool" and msg.started and state.journal[eid].side_effect == "at_most_once":
-        return mark_in_doubt(state, eid), []
+        info = state.context.tools.get(state.journal[eid].tool)
+        # its reconcile hook may know whether it happened; if not, a person decides
+        return mark_in_doubt(state, eid), ([Reconcile(effect_id=eid)]
+                                           if info is not None and info.reconcile else [])
     pending = {**state.pending, eid: p.model_copy(update={"attempt": p.attempt + 1})}
     effect: Effect = CallModel(effect_id=eid) if p.kind == "model" else CallTool(effect_id=eid)
     new = _advance(state, pending=pending)

@@ -51,6 +51,7 @@ from ._state import (
     EffectLost,
     Envelope,
     Message,
+    Reconcile,
     RunState,
     SendMessage,
     SetTimer,
@@ -454,8 +455,9 @@ class RunEngine:
             for e in effects:
                 if isinstance(e, SendMessage) and isinstance(e.message, Spawn):
                     self.on_spawn(e.to)
-        if calls:
-            self.dispatch(self._requests(new, calls))
+        reconciles = [e for e in effects if isinstance(e, Reconcile)]
+        if calls or reconciles:
+            self.dispatch(self._requests(new, [*calls, *reconciles]))
 
     def relay_outbox(self) -> None:
         """Re-send what the store still holds in the outbox (before passivating)."""
@@ -470,6 +472,14 @@ class RunEngine:
         out = []
         schemas: tuple[dict[str, Any], ...] | None = None
         for e in calls:
+            if isinstance(e, Reconcile):
+                # no dispatch record: if it is lost, the call simply stays in doubt
+                entry = state.journal[e.effect_id]
+                out.append(EffectRequest(
+                    run_id=self.run_id, effect_id=e.effect_id, attempt=entry.attempt,
+                    kind="reconcile", agent_ref=ctx.agent_ref, agent_version=ctx.agent_version,
+                    tool=entry.tool, arguments=entry.arguments, key=entry.key))
+                continue
             p = state.pending[e.effect_id]  # type: ignore[union-attr]
             if isinstance(e, CallModel):
                 if schemas is None:

@@ -16,6 +16,7 @@ wrapped in a Ray actor (`ray_executor`), every run on a node.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
@@ -35,6 +36,7 @@ from ._state import (
     ModelFailed,
     ModelReply,
     ModelSpec,
+    Resolve,
     ToolResult,
     args_hash,
 )
@@ -118,6 +120,9 @@ class Executor:
             self.on_crash(exc)  # the in-process host re-raises it where the run is driven
 
     async def _perform(self, req: EffectRequest) -> None:
+        if req.kind == "reconcile":
+            await self._reconcile(req)
+            return
         if self.hold is not None:
             # one call at a time, in order: nothing is claimed before the previous
             # call's result is committed
@@ -234,6 +239,31 @@ class Executor:
             self.stats["failed"] += 1
             return ToolResult(id=mid, effect_id=eid, error=f"{type(exc).__name__}: {exc}")
 
+    async def _reconcile(self, req: EffectRequest) -> None:
+        """Ask an in-doubt call's reconcile hook whether it happened; settle it if it knows."""
+        try:
+            tool = load_agent(req.agent_ref, req.agent_version).tools.get(req.tool)
+            if tool is None or tool.reconcile is None:
+                return
+            ctx = ToolContext(run_id=req.run_id, call_id=req.effect_id, key=req.key,
+                              attempt=req.attempt)
+            answer = tool.reconcile(tool.validate(req.arguments), ctx)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except Exception as exc:  # the hook failed: a person decides
+            answer, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = ""
+        if not answer:
+            return  # it cannot tell: the call stays in doubt for a person
+        outcome, output = answer
+        msg = Resolve(id=f"resolve:{req.effect_id}:{req.attempt}", call_id=req.effect_id,
+                      outcome="done" if outcome == "done" else "retry",
+                      output=_text(output) if outcome == "done" and output is not None else "",
+                      by=f"reconcile hook of {req.tool}", at_ms=int(time.time() * 1000),
+                      reason=why)
+        self.store.deliver(req.run_id, message_bytes(msg, req.run_id))
+
     # -- liveness -------------------------------------------------------------------
 
     def heartbeat(self) -> int:
@@ -280,6 +310,10 @@ def _tool_outcome(msg: Any) -> str:
     if error.startswith("tool ") and "is not installed" in error:
         return "not_installed"
     return "error"
+
+
+def _text(value: Any) -> str:
+    return plain(value) if isinstance(value, str) else json.dumps(plain(value), default=str)
 
 
 def _retries(records: Iterable[Any]) -> tuple[dict[str, Any], ...]:

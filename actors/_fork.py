@@ -137,7 +137,7 @@ def fork_run(store: Any, run_id: str, at: int, *, new_id: str | None = None,
         if ctx.subagent_ref is None:
             raise ForkError(f"run {run_id!r} has sub-agents in flight at step {at} but no "
                             "sub-agent to spawn again")
-        caps = _child_caps(new, delegation.spawned)
+        caps = _child_caps(new, delegation.spawned, new.usage)
         spawns = [SendMessage(to=cid, message=Spawn(
             id=f"spawn:{cid}", task=task, parent_id=fid, agent_ref=ctx.subagent_ref,
             agent_version=ctx.subagent_version, budgets=caps, depth=ctx.depth + 1,

@@ -65,6 +65,7 @@ class Budgets(Strict):
     max_children: int = 100  # sub-agents one run may spawn in all (fan-out)
     max_wall_s: float | None = None  # wall time from the root's creation
     max_effect_attempts: int = 4  # a model or tool call lost this often (its executor died) fails the run
+    max_cost_usd: float | None = None  # what the run and its sub-agents may spend on models
 
 
 class SecretRef(Strict):
@@ -77,6 +78,7 @@ class ToolInfo(Strict):
     name: str
     side_effect: SideEffect
     builtin: bool = False
+    reconcile: bool = False  # it has a hook that can tell whether an in-doubt call happened
 
 
 class ModelSpec(Strict):
@@ -124,6 +126,8 @@ class JournalEntry(Strict):
     error: str | None = None
     # the decision on a call that needed approval: decision, by, at_ms, args_hash, reason
     approval: dict[str, Any] | None = None
+    attempt: int = 1  # the dispatch that was in flight when the call went in doubt
+    resolution: dict[str, Any] | None = None  # how an in-doubt call was settled, and by whom
 
 
 def args_hash(arguments: dict[str, Any]) -> str:
@@ -160,6 +164,7 @@ class Delegation(Strict):
     spawned: int = 0  # children spawned in all (the fan-out budget)
     tokens: int = 0  # tokens used by finished children and their subtrees
     steps: int = 0  # steps taken by finished children and their subtrees
+    cost_usd: float = 0.0  # spent by finished children and their subtrees
 
 
 class PendingEffect(Strict):
@@ -247,6 +252,21 @@ class ToolResult(Strict):
     needs_approval: bool = False
 
 
+class Resolve(Strict):
+    """Settles a tool call that is in doubt: it happened (with its output), it did not and
+    failed, or it did not and is to be dispatched again. From the tool's reconcile hook,
+    or from a person (`undying resolve`)."""
+
+    type: Literal["resolve"] = "resolve"
+    id: str
+    call_id: str
+    outcome: Literal["done", "failed", "retry"]
+    output: str = ""
+    by: str
+    at_ms: int = 0
+    reason: str = ""
+
+
 class Approval(Strict):
     """Someone approved or rejected one tool call, for its exact arguments (their hash)."""
 
@@ -271,6 +291,7 @@ class ChildResult(Strict):
     error: str | None = None
     tokens: int = 0  # used by the child and its subtree
     steps: int = 0
+    cost_usd: float = 0.0
 
 
 class Cancel(Strict):
@@ -301,7 +322,7 @@ class Timer(Strict):
 
 
 Message = Annotated[Start | ModelReply | ModelFailed | ToolResult | ChildResult | Cancel | Spawn
-                    | EffectLost | Timer | Approval, Field(discriminator="type")]
+                    | EffectLost | Timer | Approval | Resolve, Field(discriminator="type")]
 
 
 class Envelope(Strict):
@@ -331,6 +352,14 @@ class SendMessage(Strict):
     message: Message
 
 
+class Reconcile(Strict):
+    """Ask an in-doubt tool call's reconcile hook whether it happened; the answer comes back
+    as `Resolve` (or nothing, and a person decides)."""
+
+    type: Literal["reconcile"] = "reconcile"
+    effect_id: str
+
+
 class SetTimer(Strict):
     """Deliver `Timer(timer_id)` to this run at ``at_ms``, durably (it survives every restart)."""
 
@@ -339,7 +368,7 @@ class SetTimer(Strict):
     at_ms: int
 
 
-Effect = Annotated[CallModel | CallTool | SendMessage | SetTimer,
+Effect = Annotated[CallModel | CallTool | SendMessage | SetTimer | Reconcile,
                    Field(discriminator="type")]
 
 

@@ -53,6 +53,9 @@ class Tool:
     context_param: str | None = None
     # None: never; "always"; or a rule on the validated arguments (True: ask someone first)
     approval: str | Callable[[dict[str, Any]], bool] | None = None
+    # for at-most-once tools: did an in-doubt call happen? (args, ctx) -> ("done", output),
+    # ("not_done", None) or None (cannot tell: a person decides)
+    reconcile: Callable[..., Any] | None = None
 
     def needs_approval(self, arguments: dict[str, Any]) -> bool:
         if self.approval is None:
@@ -92,12 +95,18 @@ class Tool:
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
          side_effect: SideEffect = "idempotent", description: str | None = None,
-         approval: str | Callable[[dict[str, Any]], bool] | None = None) -> Any:
+         approval: str | Callable[[dict[str, Any]], bool] | None = None,
+         reconcile: Callable[..., Any] | None = None) -> Any:
     """Turn a typed function into a `Tool`. A parameter typed `ToolContext` gets the call's context.
 
     ``approval``: "always", or a function of the (validated) arguments that says whether
     this call needs someone's approval; the run then waits, holding no process, until
     `undying approve` or `undying reject`. An approval is for the exact arguments shown.
+
+    ``reconcile``: for an ``at_most_once`` tool, a function ``(arguments, ctx)`` (sync or
+    async) that says whether a call left in doubt (its executor died after it began)
+    happened: ``("done", output)``, ``("not_done", None)`` (it is dispatched again, with
+    the same key), or None (it cannot tell; a person decides with `undying resolve`).
     """
     if side_effect not in SIDE_EFFECTS:
         raise ValueError(f"side_effect must be one of {SIDE_EFFECTS}, not {side_effect!r}")
@@ -120,7 +129,7 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
         doc = inspect.getdoc(f) or ""
         return Tool(name=name or f.__name__, description=description or doc.split("\n\n")[0],
                     fn=f, args_model=model, side_effect=side_effect, context_param=ctx_param,
-                    approval=approval)
+                    approval=approval, reconcile=reconcile)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -40,3 +40,19 @@ def _payer(messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]]) -> Ch
 payer = Agent("payer", version="1", model=ModelSpec(provider="scripted", name="payer"),
               tools=[pay], memory=False, budgets=Budgets(max_steps=40),
               ref="undying._approval_agents:payer")
+
+
+@policy("payer-small")
+def _payer_small(messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]]) -> ChatMessage:
+    results = [m for m in messages if m.role == "tool"]
+    if not results:
+        return ChatMessage(role="assistant", content="paying", tool_calls=(
+            ToolCallRequest(id="p1", name="pay", arguments={"cents": 50, "to": "bob"}),))
+    return ChatMessage(role="assistant", content=f"done: {results[-1].content}")
+
+
+# pays 50 cents (under the approval limit) once: a call that can be left in doubt
+small_payer = Agent("small-payer", version="1",
+                    model=ModelSpec(provider="scripted", name="payer-small"), tools=[pay],
+                    memory=False, budgets=Budgets(max_steps=20),
+                    ref="undying._approval_agents:small_payer")

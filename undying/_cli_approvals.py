@@ -1,4 +1,5 @@
-"""`undying approvals`, `undying approve`, `undying reject`: people decide on tool calls."""
+"""`undying approvals` / `approve` / `reject` and `undying in-doubt` / `resolve`: people
+decide on tool calls (before they run, or after their executor died mid-call)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,36 @@ def cmd_reject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_in_doubt(args: argparse.Namespace) -> int:
+    rows = _client().in_doubt(args.run)
+    if not rows:
+        print("no tool call is in doubt")
+    for run_id, call_id, tool, arguments in rows:
+        print(f"{run_id}  {call_id}  {tool}  {json.dumps(arguments, sort_keys=True)}")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    outcome = "done" if args.done is not None else "failed" if args.failed is not None else "retry"
+    _client().resolve(args.run, args.call, outcome, by=args.by, output=args.done or "",
+                      reason=args.failed or "")
+    print(f"{args.call} of {args.run} settled: {outcome} (by {args.by})")
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
+    d = sub.add_parser("in-doubt", help="at-most-once calls that may or may not have happened")
+    d.add_argument("run", nargs="?")
+    d.set_defaults(fn=cmd_in_doubt)
+    r = sub.add_parser("resolve", help="settle a call in doubt: it happened, failed, or retry it")
+    r.add_argument("run")
+    r.add_argument("call")
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--done", metavar="OUTPUT", help="it happened; what the model sees")
+    how.add_argument("--failed", metavar="REASON", help="it did not happen; do not retry")
+    how.add_argument("--retry", action="store_true", help="it did not happen; run it again")
+    r.add_argument("--by", default=getpass.getuser())
+    r.set_defaults(fn=cmd_resolve)
     a = sub.add_parser("approvals", help="tool calls waiting for someone's decision")
     a.add_argument("run", nargs="?")
     a.add_argument("--json", action="store_true")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from undying.actors import Agent, RunState, StepEvent, create_run, encode_message, load_state
-from undying.actors._state import Approval, Cancel, args_hash
+from undying.actors._state import Approval, Cancel, Resolve, args_hash
 from undying.cluster import Settings, connect_store, init_ray
 from undying.persistence import TERMINAL, CheckpointStore, RunInfo, RunNotFound, UndyingError, decode
 
@@ -156,6 +156,37 @@ class Undying(Observing):
         self.send(run_id, Approval(id=f"approval:{call_id}:{attempt}", call_id=call_id,
                                    approved=approved, by=by, at_ms=int(time.time() * 1000),
                                    args_hash=actual, reason=reason))
+
+    # -- calls in doubt -----------------------------------------------------------
+
+    def in_doubt(self, run_id: str | None = None) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """At-most-once calls that may or may not have happened: (run, call, tool, arguments)."""
+        runs = [run_id] if run_id is not None else [i.run_id for i in self.runs("waiting")]
+        out = []
+        for rid in runs:
+            try:
+                journal = self.state(rid).journal
+            except UndyingError:
+                continue
+            out += [(rid, cid, e.tool, dict(e.arguments)) for cid, e in journal.items()
+                    if e.status == "in_doubt"]
+        return out
+
+    def resolve(self, run_id: str, call_id: str, outcome: str, *, by: str, output: str = "",
+                reason: str = "") -> None:
+        """Settle a call in doubt: "done" (it happened; ``output`` is what the model sees),
+        "failed" (it did not, and is not to be tried again), or "retry" (it did not: dispatch
+        it again, with the same idempotency key)."""
+        if outcome not in ("done", "failed", "retry"):
+            raise ApprovalError(f"outcome must be done, failed or retry, not {outcome!r}")
+        entry = self.state(run_id).journal.get(call_id)
+        if entry is None or entry.status != "in_doubt":
+            status = "missing" if entry is None else entry.status
+            raise ApprovalError(f"tool call {call_id!r} of run {run_id!r} is not in doubt "
+                                f"(it is {status})")
+        self.send(run_id, Resolve(id=f"resolve:{call_id}:{entry.attempt}", call_id=call_id,
+                                  outcome=outcome, output=output, by=by,  # type: ignore[arg-type]
+                                  at_ms=int(time.time() * 1000), reason=reason))
 
     # -- reading ----------------------------------------------------------------
 

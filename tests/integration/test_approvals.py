@@ -96,3 +96,4 @@ def test_reject_gives_the_model_the_rejection(ud: Undying, ap_redis: RedisServer
     assert ud.ledger(h.run_id) == {}
     again = _cli(ud, ap_redis, "approve", h.run_id, row.call_id)
     assert again.returncode == 1 and "not waiting for approval" in again.stderr
+

@@ -27,6 +27,7 @@ Hosts pause 0.4 s after each commit so a kill can land between a commit and its 
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -286,6 +287,17 @@ def test_kill_around_the_call(ud: Undying, sink: HttpSink, references: Callable[
         assert any(e.kind == "restart" for e in ud.history(h.run_id))
     if "(exec)" in point:
         assert any(e.kind == "effect_lost" for e in ud.history(h.run_id))
+    if journal == "in_doubt":
+        # a person settles it (`undying resolve`): the run goes on, nothing runs it again
+        assert [(r, c) for r, c, *_ in ud.in_doubt(h.run_id)] == [(h.run_id, CALL)]
+        checked = json.dumps({"status": 200, "body": json.dumps({"receipt": "checked by ops"})})
+        ud.resolve(h.run_id, CALL, "done", by="ops", output=checked)
+        res = ud.wait(h.run_id, timeout=60)
+        assert res.status == "finished", (res.error, _debug(ud, h.run_id))
+        assert res.answer == f"{item}: HTTP 200, receipt checked by ops"
+        settled = ud.state(h.run_id).journal[CALL]
+        assert (settled.status, settled.resolution["by"]) == ("done", "ops")
+        assert sink.counts(item)["received"] == c["received"], "settling ran nothing"
 
 
 def _debug(ud: Undying, run_id: str) -> str:

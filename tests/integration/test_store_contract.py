@@ -8,7 +8,6 @@ corrupt record quarantines its run and nothing else.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import unique_id
-from undying.actors import RunEngine, RunState, create_run, load_state
+from undying.actors import RunState, create_run, load_state
 from undying.actors.research import agent
 from undying.persistence import (
     Commit,

@@ -465,12 +465,15 @@ def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Eff
     resolved_now = False
     gid = d.group_of.get(child)
     g = d.groups.get(gid) if gid is not None else None
-    if g is not None and not g.resolved:
-        # counted as results come, so a group of thousands costs O(1) per result; the
-        # report below walks the group once, when it resolves
-        g = g.model_copy(update={"ended": g.ended + 1,
-                                 "finished": g.finished + (msg.status == "finished")})
-        if g.finished >= g.need or g.ended == len(g.children):
+    if gid is not None and g is not None and not g.resolved:
+        # counted as results come, beside the group (whose lists of thousands of children
+        # and tasks are then not rewritten): O(1) per result, stored as one small entry;
+        # the report below walks the group once, when it resolves
+        n_ended = d.ended.get(gid, 0) + 1
+        n_finished = d.finished.get(gid, 0) + (msg.status == "finished")
+        d = d.model_copy(update={"ended": {**d.ended, gid: n_ended},
+                                 "finished": {**d.finished, gid: n_finished}})
+        if n_finished >= g.need or n_ended == len(g.children):
             members = set(g.children)
             ended = [c for c in d.order if c in members]
             finished = [c for c in ended if d.done[c] == "finished"]
@@ -492,10 +495,7 @@ def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Eff
                 why = f"parent {state.run_id} has the {g.need} result(s) it waited for"
                 effects += [SendMessage(to=c, message=Cancel(id=f"cancel:{c}", reason=why))
                             for c in rest]
-        groups: dict[str, DelegationGroup] = {**d.groups, str(gid): g}
-    else:
-        groups = d.groups
-    d = d.model_copy(update={"groups": groups})
+            d = d.model_copy(update={"groups": {**d.groups, gid: g}})
     if (resolved_now and not _waiting_for_children(d)
             and not any(p.kind == "tool" for p in state.pending.values())):
         new, more = _call_model(state, delegation=d, conversation=convo)

@@ -231,6 +231,7 @@ class Warm:
     snapshot_bytes: int
     read_cursor: str
     agent: Agent
+    sent: int = 0  # messages of its conversation this host's executor has seen
 
 
 class RunEngine:
@@ -241,7 +242,8 @@ class RunEngine:
                  lost: Callable[[str], bool] | None = None,
                  on_applied: Callable[[Message], None] | None = None,
                  on_spawn: Callable[[str], None] | None = None,
-                 after_commit: Callable[[RunState], None] | None = None) -> None:
+                 after_commit: Callable[[RunState], None] | None = None,
+                 ship_tails: bool = False) -> None:
         self.run_id = run_id
         self.store = store
         self.dispatch = dispatch
@@ -264,6 +266,9 @@ class RunEngine:
         self.queue: collections.deque[tuple[Message, str | None, float]] = collections.deque()
         self.steps = 0
         self.warm_hit = False
+        # how much of the conversation this host's executor has seen (see _requests)
+        self.sent = 0
+        self.ship_tails = ship_tails
         self.metrics = recorder_for(store)  # metrics: in process, flushed to Redis each second
 
     # -- activation ---------------------------------------------------------
@@ -283,6 +288,7 @@ class RunEngine:
             self.state, self.seen, self.agent = warm.state, warm.seen, warm.agent
             self.journal_bytes, self.snapshot_bytes = warm.journal_bytes, warm.snapshot_bytes
             self.read_cursor = warm.read_cursor
+            self.sent = warm.sent
             self.warm_hit = True
             self.pull_inbox()
             return self.state
@@ -346,7 +352,7 @@ class RunEngine:
         if s is None or s.status in TERMINAL or self.agent is None:
             return None
         return Warm(self.epoch, s.step, s, self.seen, self.journal_bytes, self.snapshot_bytes,
-                    self.read_cursor, self.agent)
+                    self.read_cursor, self.agent, self.sent)
 
     def pull_inbox(self) -> int:
         """Queue inbox entries not yet read."""
@@ -484,10 +490,14 @@ class RunEngine:
             if isinstance(e, CallModel):
                 if schemas is None:
                     schemas = tuple(self.agent.tool_schemas())
+                # the executor keeps the conversation: send only what it has not seen (the
+                # conversation only grows), unless this activation does not know what it saw
+                prefix = min(self.sent, len(state.conversation)) if self.ship_tails else 0
                 out.append(EffectRequest(
                     run_id=self.run_id, effect_id=e.effect_id, attempt=p.attempt, kind="model",
                     agent_ref=ctx.agent_ref, agent_version=ctx.agent_version, spec=ctx.model,
-                    messages=state.conversation, tools=schemas))
+                    messages=state.conversation[prefix:], prefix=prefix, tools=schemas))
+                self.sent = len(state.conversation)
             elif isinstance(e, CallTool):
                 entry = state.journal[e.effect_id]
                 approved = (entry.approval or {})

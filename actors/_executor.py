@@ -16,6 +16,7 @@ wrapped in a Ray actor (`ray_executor`), every run on a node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import time
@@ -57,6 +58,9 @@ class EffectRequest:
     # model calls
     spec: ModelSpec | None = None
     messages: tuple[ChatMessage, ...] = ()
+    # the conversation is append-only: a host that sent this run's first ``prefix`` messages
+    # to this executor before sends only the rest (``messages``); 0: all of it
+    prefix: int = 0
     tools: tuple[dict[str, Any], ...] = ()
     # tool calls
     tool: str = ""
@@ -95,6 +99,10 @@ class Executor:
         self.claimed: dict[str, EffectRequest] = {}  # "run|effect" -> the request running
         self.tasks: set[asyncio.Task[None]] = set()
         self.models: dict[str, Model] = {}
+        # each run's conversation as last seen here, so a call ships only what is new
+        self.conversations: collections.OrderedDict[str, tuple[ChatMessage, ...]] = (
+            collections.OrderedDict())
+        self.conversations_max = 2048
         self.stats = {"received": 0, "claimed": 0, "skipped": 0, "completed": 0, "failed": 0}
         self.metrics = recorder_for(store)  # metrics: in process, flushed to Redis each second
 
@@ -190,8 +198,9 @@ class Executor:
             # the agent's module registers what its model needs (a provider, a policy)
             load_agent(req.agent_ref, req.agent_version)
             assert req.spec is not None
+            messages = await self._conversation(req)
             resp = await self._model_for(req.spec).complete(ModelRequest(
-                messages=req.messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid))
+                messages=messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid))
             model_call(self.metrics, req.spec, time.perf_counter() - t0, resp=resp)  # metrics
             # whatever a provider sent must be storable, or the step would redo forever
             reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
@@ -207,6 +216,27 @@ class Executor:
                                retryable=bool(getattr(exc, "retryable", False)),
                                malformed=isinstance(exc, MalformedOutput),
                                retries=_retries(getattr(exc, "retries", ())))
+
+    async def _conversation(self, req: EffectRequest) -> tuple[ChatMessage, ...]:
+        """The whole conversation of a model call: the prefix kept here plus what was sent.
+        If the prefix is not here (a new executor, evicted), it is read from the run's
+        checkpoint: the conversation only ever grows, so any later state has that prefix."""
+        if req.prefix == 0:
+            messages = req.messages
+        else:
+            kept = self.conversations.get(req.run_id)
+            if kept is None or len(kept) < req.prefix:
+                from ._engine import load_state
+
+                state, _ = await asyncio.to_thread(load_state, self.store, req.run_id)
+                kept = state.conversation
+                self.stats["conversation_reloads"] = self.stats.get("conversation_reloads", 0) + 1
+            messages = (*kept[: req.prefix], *req.messages)
+        self.conversations[req.run_id] = messages
+        self.conversations.move_to_end(req.run_id)
+        while len(self.conversations) > self.conversations_max:
+            self.conversations.popitem(last=False)
+        return messages
 
     async def _tool(self, req: EffectRequest) -> Message:
         eid = req.effect_id

@@ -148,8 +148,6 @@ class DelegationGroup(Strict):
     need: int  # all, any (1) or the first K
     cancel_rest: bool = True  # once resolved, cancel the children still running
     resolved: bool = False
-    ended: int = 0  # children that ended, in any status
-    finished: int = 0  # children that finished with an answer
 
 
 class Delegation(Strict):
@@ -160,6 +158,8 @@ class Delegation(Strict):
     results: dict[str, str] = Field(default_factory=dict)  # child run id -> answer
     groups: dict[str, DelegationGroup] = Field(default_factory=dict)  # group id -> group
     group_of: dict[str, str] = Field(default_factory=dict)  # child run id -> group id
+    ended: dict[str, int] = Field(default_factory=dict)  # group id -> children that ended
+    finished: dict[str, int] = Field(default_factory=dict)  # group id -> ... with an answer
     order: tuple[str, ...] = ()  # children in the order their results arrived
     spawned: int = 0  # children spawned in all (the fan-out budget)
     tokens: int = 0  # tokens used by finished children and their subtrees

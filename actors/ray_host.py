@@ -114,7 +114,8 @@ class RunHost:
         self.stats["activations"] += 1
         engine = RunEngine(run_id, self.store, dispatch=self._dispatch,
                            compact_ratio=self.compact_ratio,
-                           after_commit=self._pause if self.pause_s else None)
+                           after_commit=self._pause if self.pause_s else None,
+                           ship_tails=True)  # one executor per node: it keeps conversations
         try:
             engine.activate(act.epoch, act.clean, warm=self.warm.pop(run_id, None),
                             step=act.step)

@@ -50,7 +50,7 @@ def test_a_nested_delta_folds_the_waiting_parent_into_one_child_done() -> None:
     want = decode("snapshot", RunState, raw("snapshot_one_child_done.msgpack"), run_id=RID)
     assert folded == want
     assert want.delegation.done == {f"{RID}.2-0": "finished"}
-    assert want.delegation.tokens == 900 and want.delegation.groups["d2.0"].ended == 1
+    assert want.delegation.tokens == 900 and want.delegation.ended == {"d2.0": 1}
 
 
 def test_a_spawn_in_the_outbox_and_the_new_messages() -> None:

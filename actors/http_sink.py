@@ -39,6 +39,8 @@ import threading
 import time
 from typing import Any, Literal
 
+from ._loopback import LoopbackServer
+
 GateMode = Literal["hold_before", "hold_after", "die_before", "die_after"]
 MODES = ("hold_before", "hold_after", "die_before", "die_after")
 
@@ -112,86 +114,20 @@ class Gate:
         return True
 
 
-class HttpSink:
+class HttpSink(LoopbackServer):
+    kind = "http sink"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self._lock = threading.Lock()
         self._deliveries: list[Delivery] = []
         self._answers: dict[str, tuple[int, bytes]] = {}  # idempotency key -> stored answer
         self._gates: list[Gate] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    # -- lifecycle ------------------------------------------------------------------
-
-    def start(self, timeout: float = 10.0) -> HttpSink:
-        self._thread = threading.Thread(target=self._run, name=f"http-sink-{id(self):x}",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout) or self._error is not None:
-            raise RuntimeError(f"http sink did not start: {self._error!r}")
-        return self
 
     def stop(self) -> None:
         for g in self.gates():
             g.release()
-        if self._loop is not None and self._stop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
-
-    def __enter__(self) -> HttpSink:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-            self._ready.set()
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        writers: set[asyncio.StreamWriter] = set()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            writers.add(writer)
-            tasks.add(task)
-            try:
-                await self._connection(reader, writer)
-            finally:
-                writers.discard(writer)
-                tasks.discard(task)
-
-        server = await asyncio.start_server(on_connect, self.host, self.port, backlog=512)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-            server.close()
-            for w in list(writers):
-                w.transport.abort()
-            if tasks:
-                await asyncio.wait(list(tasks), timeout=5)
+        super().stop()
 
     # -- what tests use -------------------------------------------------------------------
 

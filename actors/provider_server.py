@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+from ._loopback import LoopbackServer
 from ._provider_faults import FaultPlan, FaultRule, SlidingWindow, max_in_window
 from ._provider_wire import (
     ANTHROPIC,
@@ -75,14 +76,17 @@ class Record:
     model: str = ""
 
 
-class ProviderServer:
+class ProviderServer(LoopbackServer):
+    kind = "provider server"
+    backlog = 1024
+    read_limit = 1 << 22
+
     def __init__(self, policy: str | None = "research",
                  faults: list[dict[str, Any]] | dict[str, Any] | None = None,
                  rate_limit_rps: int | None = None, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, seed: int = 0) -> None:
+        super().__init__(host, port)
         self.policy = policy  # used when the request's model names no policy
-        self.host = host
-        self.port = port
         self.api_key = api_key
         self.window = SlidingWindow(rate_limit_rps) if rate_limit_rps else None
         self.plan = _plan(faults, seed)
@@ -91,77 +95,9 @@ class ProviderServer:
         self._last: dict[str, tuple[ChatMessage, ...]] = {}
         self._served = 0
         self._started = time.monotonic()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    # -- lifecycle --------------------------------------------------------------
-
-    def start(self, timeout: float = 10.0) -> ProviderServer:
-        self._thread = threading.Thread(target=self._run, name=f"provider-server-{id(self):x}",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout) or self._start_error is not None:
-            raise RuntimeError(f"provider server did not start: {self._start_error!r}")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
-
-    def __enter__(self) -> ProviderServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # surfaced by start()
-            self._start_error = exc
-            self._ready.set()
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            handlers[task] = writer
-            try:
-                await self._connection(reader, writer)
-            finally:
-                handlers.pop(task, None)
-
-        server = await asyncio.start_server(on_connect, self.host, self.port, backlog=1024,
-                                            limit=1 << 22)
-        self.port = server.sockets[0].getsockname()[1]
+    def _on_ready(self) -> None:
         self._started = time.monotonic()
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-            server.close()
-            # closing the sockets (not cancelling the tasks) lets every handler, a held
-            # timeout-fault connection included, end the ordinary way
-            for writer in list(handlers.values()):
-                writer.transport.abort()
-            if handlers:
-                await asyncio.wait(list(handlers), timeout=5)
 
     # -- what tests look at ---------------------------------------------------------
 

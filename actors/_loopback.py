@@ -96,3 +96,27 @@ class LoopbackServer:
                 writer.transport.abort()
             if handlers:
                 await asyncio.wait(list(handlers), timeout=5)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
+    """One HTTP/1.1 request: (method, target, lower-cased headers, body); None at EOF."""
+    line = await reader.readline()
+    if not line:
+        return None
+    method, target, _ = line.decode("latin-1").split(" ", 2)
+    headers: dict[str, str] = {}
+    while True:
+        h = await reader.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = await reader.readexactly(length) if length else b""
+    return method, target, headers, body
+
+
+async def until_closed(reader: asyncio.StreamReader) -> None:
+    """Returns when the client hangs up."""
+    while await reader.read(65536):
+        pass

@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any, Literal
 
-from ._loopback import LoopbackServer
+from ._loopback import LoopbackServer, read_request, until_closed
 
 GateMode = Literal["hold_before", "hold_after", "die_before", "die_after"]
 MODES = ("hold_before", "hold_after", "die_before", "die_after")
@@ -99,7 +99,7 @@ class Gate:
         if self._release.is_set():
             return True
         released = asyncio.ensure_future(self._loop_event.wait())
-        gone = asyncio.ensure_future(_until_closed(reader))
+        gone = asyncio.ensure_future(until_closed(reader))
         try:
             await asyncio.wait([released, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -180,7 +180,7 @@ class HttpSink(LoopbackServer):
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                req = await _read_request(reader)
+                req = await read_request(reader)
                 if req is None or not await self._respond(req, reader, writer):
                     break
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
@@ -266,28 +266,6 @@ class HttpSink(LoopbackServer):
         gate.arrived.set()
         writer.transport.abort()  # a reset, not an orderly close: the target died
         return False
-
-
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
-    line = await reader.readline()
-    if not line:
-        return None
-    method, target, _ = line.decode("latin-1").split(" ", 2)
-    headers: dict[str, str] = {}
-    while True:
-        h = await reader.readline()
-        if h in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = h.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    body = await reader.readexactly(length) if length else b""
-    return method, target, headers, body
-
-
-async def _until_closed(reader: asyncio.StreamReader) -> None:
-    while await reader.read(65536):
-        pass
 
 
 async def _send(writer: asyncio.StreamWriter, status: int, body: Any) -> None:

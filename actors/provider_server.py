@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from ._loopback import LoopbackServer
+from ._loopback import LoopbackServer, read_request, until_closed
 from ._provider_faults import FaultPlan, FaultRule, SlidingWindow, max_in_window
 from ._provider_wire import (
     ANTHROPIC,
@@ -198,11 +198,11 @@ class ProviderServer(LoopbackServer):
         if kind in ("timeout", "close"):
             rec.status = str(kind)
             if kind == "timeout":  # hold the connection until the client gives up
-                await _until_closed(reader)
+                await until_closed(reader)
             return False
         if rule is not None and kind == "slow":
             try:  # a client that gives up meanwhile is not answered
-                await asyncio.wait_for(_until_closed(reader), rule.delay)
+                await asyncio.wait_for(until_closed(reader), rule.delay)
                 rec.status = "gone"
                 return False
             except TimeoutError:
@@ -290,25 +290,8 @@ def _mangle(rule: FaultRule | None, reply: ChatMessage, tools: list[dict[str, An
 
 
 async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
-    line = await reader.readline()
-    if not line:
-        return None
-    method, target, _ = line.decode("latin-1").split(" ", 2)
-    headers: dict[str, str] = {}
-    while True:
-        h = await reader.readline()
-        if h in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = h.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    body = await reader.readexactly(length) if length else b""
-    return _Request(method, target, headers, body)
-
-
-async def _until_closed(reader: asyncio.StreamReader) -> None:
-    while await reader.read(65536):
-        pass
+    got = await read_request(reader)
+    return None if got is None else _Request(*got)
 
 
 def _head(status: int, length: int, extra: dict[str, str] | None = None) -> bytes:

@@ -109,8 +109,13 @@ def spawn_child(store: Any, child_id: str, spawn: Spawn) -> None:
                           error=f"cannot start sub-agent: {exc}")
         store.deliver(spawn.parent_id, encode_message(msg, spawn.parent_id))
         return
+    # the child's own wall-time budget counts from its creation, and never past its parent's
+    deadline = spawn.deadline_ms
+    if agent.budgets.max_wall_s is not None:
+        own = ctx.created_ms + int(agent.budgets.max_wall_s * 1000)
+        deadline = own if deadline is None else min(deadline, own)
     update: dict[str, Any] = {"budgets": cap_budgets(agent.budgets, spawn.budgets),
-                              "depth": spawn.depth, "deadline_ms": spawn.deadline_ms}
+                              "depth": spawn.depth, "deadline_ms": deadline}
     if spawn.model is not None:
         update["model"] = spawn.model
         if ctx.subagent_ref is not None:  # and down the tree
@@ -343,7 +348,8 @@ class RunEngine:
             msg = ChildResult(id=f"result:{child}", child_id=child, status=cs.status,
                               answer=cs.result, error=cs.error,
                               tokens=cs.usage.tokens + cs.delegation.tokens,
-                              steps=cs.step + cs.delegation.steps)
+                              steps=cs.step + cs.delegation.steps,
+                              cost_usd=cs.usage.cost_usd + cs.delegation.cost_usd)
             self.store.deliver(self.run_id, encode_message(msg, self.run_id))
 
     def keep(self) -> Warm | None:

@@ -40,11 +40,13 @@ from undying.persistence import (
     UndyingError,
 )
 
+from ._decide import TERMINAL
 from ._engine import RunEngine, Warm
 from ._executor import EffectRequest
 from ._state import RunState
 
 LEASE_TTL_S = 3.0
+LINGER_MS = 20
 
 
 # A threaded actor, not an async one: the host's own threads block on Redis and on
@@ -67,6 +69,10 @@ class RunHost:
         self.ttl_ms = int(float(opts.get("lease_ttl_s", LEASE_TTL_S)) * 1000)
         self.compact_ratio = float(opts.get("compact_ratio", 2.0))
         self.pause_s = float(opts.get("pause_after_commit_s", 0.0))  # tests: a crash window
+        # how long an activation waits for a call's result before passivating (when no
+        # other run is queued): a fast tool or model call then costs no passivation, no
+        # wake-up and no activation (see _linger)
+        self.linger_ms = int(float(opts.get("linger_ms", LINGER_MS)))
         self.options = opts
         self.current: tuple[str, int] | None = None
         self.executor: Any = None
@@ -122,6 +128,8 @@ class RunHost:
             self.stats["warm" if engine.warm_hit else "loaded"] += 1
             while True:
                 engine.drain()
+                if self._linger(run_id, engine):
+                    continue
                 outcome = self.store.passivate(run_id, engine.epoch, engine.read_cursor,
                                                self.hid)
                 if outcome == "ok":
@@ -149,6 +157,17 @@ class RunHost:
         finally:
             self.stats["steps"] += engine.steps
             self.current = None
+
+    def _linger(self, run_id: str, engine: RunEngine) -> bool:
+        """Keep the run active a little while a call it dispatched may answer at once."""
+        state = engine.state
+        if (self.linger_ms <= 0 or state is None or state.status in TERMINAL
+                or not state.pending or self.stopping.is_set()):
+            return False
+        if self.store.wait_inbox(run_id, engine.read_cursor, self.hid, self.linger_ms):
+            self.stats["lingered"] = self.stats.get("lingered", 0) + 1
+            return True
+        return False
 
     def _give_back(self) -> None:
         try:

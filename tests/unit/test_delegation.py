@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from undying.actors import (
+    Agent,
     Budgets,
     Cancel,
     ChatMessage,
@@ -31,6 +32,8 @@ from undying.actors.research import lead
 from undying.testing import MemoryStore, run_inline
 
 RID = "root"
+WALL_CHILD = Agent("wall-child", version="1", budgets=Budgets(max_wall_s=5.0))
+NO_WALL_CHILD = Agent("no-wall-child", version="1")
 
 
 def fresh(budgets: Budgets | None = None, **context: Any) -> RunState:
@@ -206,3 +209,26 @@ def test_a_lead_and_its_sub_agents_run_in_process_with_passivation() -> None:
         info = store.info(child)
         assert (info.status, info.parent) == ("finished", RID)
     assert store.counters()["passivations_total"] >= 10  # every run gave its process back
+
+
+@pytest.mark.parametrize("own_s, parent_deadline, expect", [
+    (5.0, None, "own"),          # the child's own wall time, from its creation
+    (5.0, 10**15, "own"),        # ... when it ends before its parent's
+    (5.0, 1_000, "parent"),      # never past its parent's deadline
+    (None, 1_000, "parent"),     # no budget of its own: its parent's deadline
+])
+def test_a_childs_own_wall_time_gives_it_a_deadline_no_later_than_its_parents(
+        own_s: float | None, parent_deadline: int | None, expect: str) -> None:
+    from undying.actors._engine import load_state, spawn_child
+
+    child_agent = WALL_CHILD if own_s is not None else NO_WALL_CHILD
+    store = MemoryStore()
+    spawn = Spawn(id="spawn:c", parent_id=RID, task="t", depth=1, budgets=Budgets(),
+                  deadline_ms=parent_deadline, agent_ref=child_agent.ref,
+                  agent_version=child_agent.version)
+    spawn_child(store, "c", spawn)
+    ctx = load_state(store, "c")[0].context
+    if expect == "parent":
+        assert ctx.deadline_ms == parent_deadline
+    else:
+        assert ctx.deadline_ms == ctx.created_ms + 5000

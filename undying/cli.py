@@ -37,14 +37,51 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:7.1f} ms"
 
 
+def _model_config(args: argparse.Namespace, *, show: bool = True) -> Any:
+    """The model configuration (`undying._model_config`); None: the agents' own models.
+
+    Loaded before anything connects, so a mistake in it costs no cluster start-up. A key
+    variable that is not set is an error when the executors are this machine's (a local
+    Ray inherits this environment), a warning when they are a cluster's own nodes."""
+    from undying._model_config import load_model_config
+    from undying.cluster import Settings
+
+    config = load_model_config(args.model_config)
+    if config is None:
+        return None
+    if show:
+        _show_model(config)
+    missing = config.missing_keys()
+    if missing:
+        names = ", ".join(f"${n}" for n in missing)
+        if not Settings.from_env().ray_address:
+            from undying.actors._models import ModelConfigError
+
+            raise ModelConfigError(f"{names} (named by the model configuration for the API key) "
+                                   "is not set in this environment; set it and run again")
+        print(f"undying: warning: {names} is not set here; every node that runs model calls "
+              "needs it", file=sys.stderr)
+    return config
+
+
+def _show_model(config: Any) -> None:
+    """Provider, model, base URL and the key's variable name: never the key."""
+    for line in config.describe():
+        print(f"  {line}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """A small batch: research leads over the bundled corpus, each with research sub-agents."""
     from pathlib import Path
 
     from undying._batch import run_batch
-    from undying.actors.research import slow_lead
+    from undying.actors.research import lead, slow_lead
     from undying.cluster import Settings
 
+    config = _model_config(args, show=False)
+    agent = config.apply(lead) if config is not None else slow_lead(args.latency)
+    model = ("the model configured below" if config is not None
+             else f"offline scripted model, {args.latency:g}s per model call")
     settings = Settings.from_env()
     folder = Path(settings.home) / "demo"
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,16 +91,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  for i, q in enumerate(DEMO_QUESTIONS[: args.questions])))
     ud = _client()
     print(f"undying demo: a batch of {args.questions} research questions over the bundled corpus;"
-          f" each lead delegates its sub-questions to research sub-agents (offline scripted "
-          f"model, {args.latency:g}s per model call). Redis {ud.redis_url.split('@')[-1]}")
+          f" each lead delegates its sub-questions to research sub-agents ({model}). "
+          f"Redis {ud.redis_url.split('@')[-1]}")
+    if config is not None:
+        _show_model(config)
     print(f"  questions: {questions}")
     t0 = time.monotonic()
     try:
-        report = run_batch(ud, slow_lead(args.latency), questions, out,
-                           concurrency=args.concurrency)
+        report = run_batch(ud, agent, questions, out, concurrency=args.concurrency)
     except KeyboardInterrupt:
-        print(f"\nundying: demo stopped; continue it with: undying batch {questions} --out {out}",
-              file=sys.stderr)
+        more = f" --model-config {args.model_config}" if args.model_config else ""
+        print(f"\nundying: demo stopped; continue it with: undying batch {questions} --out {out}"
+              f"{more}", file=sys.stderr)
         return 130
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     print()
@@ -83,8 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from undying.actors import load_agent
 
-    ud = _client()
     agent = load_agent(args.agent)
+    config = _model_config(args)
+    if config is not None:
+        agent = config.apply(agent)
+    ud = _client()
     h = ud.start(agent, args.task, run_id=args.run_id)
     print(f"run {h.run_id} started")
     if args.no_wait:
@@ -107,17 +149,23 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from undying.actors import load_agent
     from undying.actors.research import slow_agent, slow_lead
 
-    ud = _client()
-    if args.latency > 0 and args.agent == LEAD_AGENT:
+    questions, out = Path(args.questions), Path(args.out)
+    if not questions.exists():
+        print(f"undying: error: no file {questions}", file=sys.stderr)
+        return 1
+    config = _model_config(args)
+    if config is not None:
+        if args.latency > 0:
+            print("undying: warning: --latency is ignored: the model comes from the "
+                  "configuration", file=sys.stderr)
+        agent = config.apply(load_agent(args.agent))
+    elif args.latency > 0 and args.agent == LEAD_AGENT:
         agent = slow_lead(args.latency)
     elif args.latency > 0 and args.agent == DEFAULT_AGENT:
         agent = slow_agent(args.latency)
     else:
         agent = load_agent(args.agent)
-    questions, out = Path(args.questions), Path(args.out)
-    if not questions.exists():
-        print(f"undying: error: no file {questions}", file=sys.stderr)
-        return 1
+    ud = _client()
     try:
         report = run_batch(ud, agent, questions, out, concurrency=args.concurrency)
     except KeyboardInterrupt:
@@ -197,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="a small batch of research questions, with sub-agents")
     d.add_argument("--questions", type=int, default=len(DEMO_QUESTIONS))
-    d.add_argument("--latency", type=float, default=1.0, help="simulated model latency, seconds")
+    d.add_argument("--latency", type=float, default=1.0,
+                   help="simulated latency of the scripted model, seconds (without --model-config)")
     d.add_argument("--concurrency", type=int, default=3, help="questions in flight at once")
+    _model_config_arg(d)
     d.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("run", help="start a run of an agent on a task")
@@ -208,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id")
     r.add_argument("--no-wait", action="store_true")
     r.add_argument("--timeout", type=float, default=600.0)
+    _model_config_arg(r)
     r.set_defaults(fn=cmd_run)
 
     b = sub.add_parser("batch", help="one run per line of a JSONL file; resumable")
@@ -219,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "delegates to research sub-agents)")
     b.add_argument("--latency", type=float, default=0.0,
                    help="simulated model latency of the built-in research agents, seconds")
+    _model_config_arg(b)
     b.set_defaults(fn=cmd_batch)
 
     s = sub.add_parser("status", help="one run, or every run")
@@ -252,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _cli_observe.add_parsers(sub)  # watch, fork, gc, exporter
     return p
+
+
+def _model_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-config", metavar="FILE",
+                   help="TOML file: provider, base_url, model, api_key_env (the variable that "
+                        "holds the key), options (default: $UNDYING_MODEL_CONFIG; UNDYING_PROVIDER, "
+                        "UNDYING_BASE_URL, UNDYING_MODEL, UNDYING_API_KEY_ENV, "
+                        "UNDYING_SUBAGENT_MODEL override it). Replaces the agent's model and its "
+                        "sub-agents'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

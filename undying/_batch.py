@@ -184,21 +184,24 @@ def _append(out: Path, data: bytes) -> None:
 
 def continue_command(questions: Path, out: Path, argv: Sequence[str] | None = None) -> str:
     """The command that continues this batch: ``argv`` (the `undying` command's arguments;
-    by default this process's own when it is `undying batch`), with both files' paths made
-    absolute, since the batch's identity is their absolute paths."""
+    by default this process's own when it is `undying batch`) with the batch's two paths,
+    and option values naming files (a model configuration), made absolute: the batch's
+    identity is its files' absolute paths, and the command may be run from elsewhere."""
     if argv is None:
         argv = sys.argv[1:] if sys.argv[1:2] == ["batch"] else [
             "batch", str(questions), "--out", str(out)]
     q, o = str(questions), str(out)
-    words = []
+    words: list[str] = []
     for w in argv:
-        if w == q:
-            w = str(questions.resolve())
-        elif w == o:
-            w = str(out.resolve())
-        elif w.startswith("--out="):
-            w = f"--out={out.resolve()}"
-        words.append(w)
+        option, eq, value = w.partition("=") if w.startswith("--") else ("", "", w)
+        after_option = bool(words) and words[-1].startswith("--")
+        if value == q:
+            value = str(questions.resolve())
+        elif value == o:
+            value = str(out.resolve())
+        elif (eq or after_option) and Path(value).is_file():
+            value = str(Path(value).resolve())
+        words.append(f"{option}{eq}{value}")
     return shlex.join(["undying", *words])
 
 

@@ -89,5 +89,11 @@ def test_continue_command_names_absolute_paths(tmp_path: Path, monkeypatch: pyte
                                 str(d / "r.jsonl"), "--concurrency", "2"]
     eq = continue_command(Path("q.jsonl"), Path("r.jsonl"), ["batch", "q.jsonl", "--out=r.jsonl"])
     assert shlex.split(eq)[-1] == f"--out={d / 'r.jsonl'}"
+    (d / "model.toml").write_text("")
+    opts = continue_command(Path("q.jsonl"), Path("r.jsonl"),
+                            ["batch", "q.jsonl", "--out", "r.jsonl", "--model-config", "model.toml",
+                             "--agent", "pkg.mod:lead", "--latency", "0.3"])
+    assert shlex.split(opts)[5:] == ["--model-config", str(d / "model.toml"), "--agent",
+                                     "pkg.mod:lead", "--latency", "0.3"]
     bare = continue_command(Path("q.jsonl"), Path("r.jsonl"), None)
     assert shlex.split(bare)[:2] == ["undying", "batch"] and os.sep in shlex.split(bare)[2]

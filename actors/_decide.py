@@ -11,6 +11,12 @@ effect is pending (and only for the attempt that is pending), a child's
 result only while the child is pending, so a redelivered message finds
 nothing to apply.
 
+Back-off: a model call whose next attempt must wait long (a Retry-After, the
+rate limiter's queue) comes back as `ModelRetry`; the call stays pending,
+marked as backing off, and a durable timer dispatches it again as its next
+attempt. Nothing is out meanwhile, so the run passivates holding nothing;
+cancel, budgets and the deadline apply as to any waiting run.
+
 Delegation: the ``delegate`` builtin opens a group of children. Each child is
 a `Spawn` message in this run's outbox, committed with the step, and its id
 derives from this run's id and step, so a re-sent spawn finds the child that
@@ -41,6 +47,7 @@ from ._state import (
     Message,
     ModelFailed,
     ModelReply,
+    ModelRetry,
     PendingEffect,
     Reconcile,
     Resolve,
@@ -63,6 +70,13 @@ TERMINAL = frozenset({"finished", "failed", "cancelled", "quarantined"})
 BUILTIN_TOOLS = frozenset({"remember", "set_plan", "delegate"})
 
 DEADLINE = "deadline"
+RETRY = "retry:"  # a back-off timer: "retry:<effect id>:<attempt>"
+
+
+def retry_timer(effect_id: str, attempt: int) -> str:
+    """The timer that ends a back-off of one dispatch (unique per attempt: a timer's message
+    id derives from it, and a call may back off more than once)."""
+    return f"{RETRY}{effect_id}:{attempt}"
 
 
 def decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
@@ -111,6 +125,8 @@ def _decide(state: RunState, msg: Message) -> tuple[RunState, list[Effect]]:
                                 f"your last reply could not be used: {msg.error}")
         return _advance(state, status="failed", pending=pending, usage=usage,
                         error=f"model call failed: {msg.error}"), []
+    if isinstance(msg, ModelRetry):
+        return _model_retry(state, msg)
     if isinstance(msg, ToolResult):
         if not _is_pending(state, msg.effect_id):
             return state, []
@@ -147,6 +163,8 @@ def recover(state: RunState) -> tuple[RunState, list[Effect]]:
         return state, []
     effects: list[Effect] = []
     for eid, p in sorted(state.pending.items()):
+        if p.backing_off:
+            continue  # nothing is out: its timer dispatches it
         effects.append(CallModel(effect_id=eid) if p.kind == "model" else CallTool(effect_id=eid))
     return state, effects
 
@@ -507,12 +525,13 @@ def _child_result(state: RunState, msg: ChildResult) -> tuple[RunState, list[Eff
 def _effect_lost(state: RunState, msg: EffectLost) -> tuple[RunState, list[Effect]]:
     eid = msg.effect_id
     p = state.pending.get(eid)
-    if p is None or p.attempt != msg.attempt:
-        return state, []  # already answered, or already dispatched again
+    if p is None or p.attempt != msg.attempt or p.backing_off:
+        return state, []  # already answered, or already dispatched again, or not out at all
     what = "model" if p.kind == "model" else f"tool {state.journal[eid].tool!r}"
-    if msg.attempt >= state.context.budgets.max_effect_attempts:
+    lost = msg.attempt - p.backoffs  # dispatches that ended in a back-off were not lost
+    if lost >= state.context.budgets.max_effect_attempts:
         return _advance(state, status="failed", pending={}, error=(
-            f"the {what} call {eid} was lost {msg.attempt} times (its executor died each "
+            f"the {what} call {eid} was lost {lost} times (its executor died each "
             f"time); last: {msg.reason or 'no reason given'}")), []
     if p.kind == "tool" and msg.started and state.journal[eid].side_effect == "at_most_once":
         info = state.context.tools.get(state.journal[eid].tool)
@@ -530,7 +549,44 @@ def _timer(state: RunState, msg: Timer) -> tuple[RunState, list[Effect]]:
         limit = state.context.budgets.max_wall_s
         return _advance(state, status="failed", pending={},
                         error=f"budget exceeded: wall time of {limit}s"), []
+    if msg.timer_id.startswith(RETRY):
+        return _retry_due(state, msg.timer_id)
     return state, []
+
+
+def _model_retry(state: RunState, msg: ModelRetry) -> tuple[RunState, list[Effect]]:
+    """A model call backs off on a durable timer: record why and until when, and wait
+    holding nothing (no dispatch is out, so nothing can report it lost or send it early)."""
+    eid = msg.effect_id
+    p = state.pending.get(eid)
+    if p is None or p.kind != "model" or p.attempt != msg.attempt or p.backing_off:
+        return state, []  # answered, dispatched again since, or already backing off
+    failed = sum(1 for r in msg.retries if r.get("kind") != "rate_limit")
+    usage = state.usage.model_copy(update={"retries": state.usage.retries + failed})
+    deadline = state.context.deadline_ms
+    if deadline is not None and msg.at_ms >= deadline:
+        # it could not be answered in time: fail now rather than hold the run to the end
+        return _advance(state, status="failed", pending={}, usage=usage, error=(
+            f"budget exceeded: wall time of {state.context.budgets.max_wall_s}s (model call "
+            f"{eid} would have to wait {msg.wait_s:g} s for its next attempt: {msg.reason})")), []
+    waiting = p.model_copy(update={"retry_at_ms": msg.at_ms, "tries": msg.attempts,
+                                   "slot": msg.slot, "retries": (*p.retries, *msg.retries)})
+    new = _advance(state, status="waiting", pending={**state.pending, eid: waiting}, usage=usage)
+    if new.status in TERMINAL:
+        return new, []
+    return new, [SetTimer(timer_id=retry_timer(eid, p.attempt), at_ms=msg.at_ms)]
+
+
+def _retry_due(state: RunState, timer_id: str) -> tuple[RunState, list[Effect]]:
+    """A back-off is over: dispatch the call again, as its next attempt."""
+    eid, _, attempt = timer_id[len(RETRY):].rpartition(":")
+    p = state.pending.get(eid)
+    if p is None or not p.backing_off or str(p.attempt) != attempt:
+        return state, []  # cancelled, failed, answered, or a timer of an earlier back-off
+    again = p.model_copy(update={"attempt": p.attempt + 1, "retry_at_ms": None,
+                                 "backoffs": p.backoffs + 1})
+    new = _advance(state, status="running", pending={**state.pending, eid: again})
+    return new, ([] if new.status in TERMINAL else [CallModel(effect_id=eid)])
 
 
 def _tool_msg(tc: ToolCallRequest, content: str) -> ChatMessage:

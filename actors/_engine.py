@@ -39,8 +39,9 @@ from undying.persistence import (
 )
 
 from ._agent import Agent, AgentNotFound, load_agent
-from ._decide import TERMINAL, decide, end_of_run
+from ._decide import RETRY, TERMINAL, decide, end_of_run
 from ._executor import EffectRequest, message_bytes, rec_started, report_lost
+from ._retries import describe_retries
 from ._state import (
     Budgets,
     CallModel,
@@ -51,6 +52,9 @@ from ._state import (
     EffectLost,
     Envelope,
     Message,
+    ModelFailed,
+    ModelReply,
+    ModelRetry,
     Reconcile,
     RunState,
     SendMessage,
@@ -58,6 +62,7 @@ from ._state import (
     Spawn,
     Start,
     StepEvent,
+    Timer,
 )
 from ._telemetry import committed, recorder_for
 
@@ -402,7 +407,7 @@ class RunEngine:
             if entry_id is not None:
                 new = new.model_copy(update={"inbox_cursor": entry_id})
             self._commit(new, effects, msg.type, entry_id and msg.id,
-                         (time.perf_counter() - t0) * 1000)
+                         (time.perf_counter() - t0) * 1000, msg)
         self._drop_dispatches(old, new, msg)
         if self.on_applied is not None:
             self.on_applied(msg)
@@ -429,7 +434,7 @@ class RunEngine:
             self.store.fx_drop(self.run_id, sorted(set(gone)))
 
     def _commit(self, new: RunState, effects: list[Effect], kind: str, seen_id: str | None,
-                duration_ms: float) -> None:
+                duration_ms: float, msg: Message | None = None) -> None:
         assert self.state is not None
         rid = self.run_id
         ops = diff_states(self.state, new)
@@ -442,7 +447,8 @@ class RunEngine:
         event = StepEvent(step=new.step, kind=kind, status=new.status, epoch=self.epoch,
                           at_ms=int(time.time() * 1000), duration_ms=round(duration_ms, 3),
                           delta_bytes=0 if snapshot else len(delta),
-                          snapshot_bytes=len(snapshot), summary=_summary(new, kind))
+                          snapshot_bytes=len(snapshot),
+                          summary=_summary(new, kind, self.state, msg))
         t_commit = time.perf_counter()
         # the delta goes along with a snapshot too: the run's history keeps every step's delta
         res = self.store.commit(rid, Commit(
@@ -502,7 +508,8 @@ class RunEngine:
                 out.append(EffectRequest(
                     run_id=self.run_id, effect_id=e.effect_id, attempt=p.attempt, kind="model",
                     agent_ref=ctx.agent_ref, agent_version=ctx.agent_version, spec=ctx.model,
-                    messages=state.conversation[prefix:], prefix=prefix, tools=schemas))
+                    messages=state.conversation[prefix:], prefix=prefix, tools=schemas,
+                    tries=p.tries, slot=p.slot))
                 self.sent = len(state.conversation)
             elif isinstance(e, CallTool):
                 entry = state.journal[e.effect_id]
@@ -531,19 +538,34 @@ def _approvals(old: RunState, new: RunState) -> tuple[tuple[str, bool], ...]:
     return tuple(out)
 
 
-def _summary(s: RunState, kind: str) -> str:
+def _summary(s: RunState, kind: str, old: RunState | None = None,
+             msg: Message | None = None) -> str:
+    retried = _retried(old, msg)
     if s.status == "finished":
-        return "finished"
+        return f"finished, {retried}"[:300] if retried else "finished"
     if s.status in TERMINAL:
+        if retried:
+            return f"{s.status}: {(s.error or '')[:150]}; {retried}"[:300]
         return f"{s.status}: {s.error or ''}"[:300]
+    if isinstance(msg, ModelRetry):
+        return _backoff(msg)[:300]
+    if isinstance(msg, Timer) and msg.timer_id.startswith(RETRY):
+        eid = msg.timer_id[len(RETRY):].rpartition(":")[0]
+        p = s.pending.get(eid)
+        if p is not None:
+            return f"back-off over: model call {eid} dispatched again (attempt {p.attempt})"
     last = s.conversation[-1] if s.conversation else None
     if kind == "model_reply":
         last = next((m for m in reversed(s.conversation) if m.role == "assistant"), None)
     if kind == "model_reply" and last is not None:
         names = [c.name for c in last.tool_calls]
+        tail = f", {retried}" if retried else ""
         if "delegate" in names:
-            return f"model: {', '.join(names)} ({s.delegation.spawned} sub-agents so far)"[:300]
-        return f"model: {', '.join(names) or 'reply'}"[:300]
+            return (f"model: {', '.join(names)} ({s.delegation.spawned} sub-agents so far)"
+                    f"{tail}")[:300]
+        return f"model: {', '.join(names) or 'reply'}{tail}"[:300]
+    if kind == "model_failed" and retried:
+        return f"model reply unusable, the model was told; {retried}"[:300]
     if kind == "tool_result" and last is not None:
         return f"tool {last.name}: {len(last.content)} chars"
     if kind == "child_result":
@@ -566,6 +588,29 @@ def _summary(s: RunState, kind: str) -> str:
     if kind == "start":
         return f"task: {s.task[:200]}"
     return kind
+
+
+def _retried(old: RunState | None, msg: Message | None) -> str:
+    """What a model call's answer took, for its step's history line: every retry since the
+    call was first dispatched (back-offs on a timer included) and the time waited in all.
+    "" when it took one attempt."""
+    if not isinstance(msg, ModelReply | ModelFailed) or old is None:
+        return ""
+    p = old.pending.get(msg.effect_id)
+    records = [*(p.retries if p is not None else ()), *msg.retries]
+    if not records:
+        return ""
+    waited = sum(float(r.get("waited_s") or 0.0) for r in records if r.get("kind") != "failover")
+    return f"after {describe_retries(records)}; waited {waited:.1f} s"
+
+
+def _backoff(msg: ModelRetry) -> str:
+    until = time.strftime("%H:%M:%S", time.gmtime(msg.at_ms / 1000))
+    why = msg.reason + (f", Retry-After {msg.retry_after_s:g} s"
+                        if msg.retry_after_s is not None else "")
+    done = f"after {msg.attempts} attempt{'s' if msg.attempts != 1 else ''}"
+    return (f"model call {msg.effect_id} backs off {msg.wait_s:.1f} s ({why}; {done}): "
+            f"passivated until {until} UTC")
 
 
 def _args(arguments: dict[str, Any]) -> str:

@@ -11,6 +11,11 @@ chooses by side-effect class whether to run it again or mark it in doubt.
 
 The same class serves one run in-process (`undying.testing.run_inline`) and,
 wrapped in a Ray actor (`ray_executor`), every run on a node.
+
+Long waits: with ``passivate_waits`` (an executor whose runs have durable
+timers, fired by the supervisor), a model call whose next attempt must wait
+longer than its retry policy's ``passivate_after_s`` does not sleep here: it
+ends with `ModelRetry`, and its run waits on a timer, holding nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 from undying.persistence import UndyingError, plain
 
 from ._agent import load_agent
-from ._models import MalformedOutput, Model, ModelRequest, build_model
+from ._models import MalformedOutput, Model, ModelRequest, RetryLater, build_model
 from ._state import (
     ChatMessage,
     EffectLost,
@@ -36,6 +41,7 @@ from ._state import (
     Message,
     ModelFailed,
     ModelReply,
+    ModelRetry,
     ModelSpec,
     Resolve,
     ToolResult,
@@ -62,6 +68,8 @@ class EffectRequest:
     # to this executor before sends only the rest (``messages``); 0: all of it
     prefix: int = 0
     tools: tuple[dict[str, Any], ...] = ()
+    tries: int = 0  # provider attempts made by earlier dispatches (before a back-off)
+    slot: bool = False  # the rate limiter's slot for the first attempt is reserved already
     # tool calls
     tool: str = ""
     arguments: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +90,11 @@ class Executor:
                  ledger: Any = None,
                  hold: Callable[[EffectRequest], Awaitable[None]] | None = None,
                  on_crash: Callable[[BaseException], None] | None = None,
-                 on_done: Callable[[], None] | None = None) -> None:
+                 on_done: Callable[[], None] | None = None,
+                 passivate_waits: bool = False) -> None:
+        """``passivate_waits``: a long back-off ends the call with `ModelRetry` (its run
+        waits on a durable timer) instead of a sleep here. Only where something fires the
+        runs' timers (the supervisor); in-process runs sleep their waits."""
         self.store = store
         self.name = name
         self.incarnation = incarnation or uuid.uuid4().hex[:10]
@@ -95,6 +107,7 @@ class Executor:
         self.hold = hold
         self.on_crash = on_crash
         self.on_done = on_done
+        self.passivate_waits = passivate_waits
         self.sem = asyncio.Semaphore(concurrency)
         self.claimed: dict[str, EffectRequest] = {}  # "run|effect" -> the request running
         self.tasks: set[asyncio.Task[None]] = set()
@@ -200,7 +213,8 @@ class Executor:
             assert req.spec is not None
             messages = await self._conversation(req)
             resp = await self._model_for(req.spec).complete(ModelRequest(
-                messages=messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid))
+                messages=messages, tools=list(req.tools), run_id=req.run_id, effect_id=eid,
+                can_defer=self.passivate_waits, tries=req.tries, slot_reserved=req.slot))
             model_call(self.metrics, req.spec, time.perf_counter() - t0, resp=resp)  # metrics
             # whatever a provider sent must be storable, or the step would redo forever
             reply = ChatMessage.model_validate(plain(resp.message.model_dump(mode="json")))
@@ -208,6 +222,14 @@ class Executor:
                               tokens_in=resp.tokens_in, tokens_out=resp.tokens_out,
                               cost_usd=getattr(resp, "cost_usd", 0.0),
                               retries=_retries(getattr(resp, "retries", ())))
+        except RetryLater as exc:  # not a failure: the run waits on a timer, passivated
+            self.stats["deferred"] = self.stats.get("deferred", 0) + 1
+            _deferred(self.metrics, req.spec, exc)  # metrics
+            return ModelRetry(id=f"retry:{eid}:{req.attempt}", effect_id=eid,
+                              attempt=req.attempt, at_ms=int((time.time() + exc.wait_s) * 1000),
+                              wait_s=round(exc.wait_s, 3), reason=exc.kind,
+                              retry_after_s=exc.retry_after_s, attempts=exc.attempts,
+                              slot=exc.slot, retries=_retries(exc.retries))
         except Exception as exc:  # a provider fault is data for the loop, not a crash
             self.stats["failed"] += 1
             model_call(self.metrics, req.spec, time.perf_counter() - t0, exc=exc)  # metrics
@@ -340,6 +362,19 @@ def _tool_outcome(msg: Any) -> str:
     if error.startswith("tool ") and "is not installed" in error:
         return "not_installed"
     return "error"
+
+
+def _deferred(rec: Any, spec: ModelSpec | None, exc: RetryLater) -> None:
+    """The failed attempts of a call that went to back off on a timer (its final reply or
+    failure counts only what comes after): retries, and 429s, by provider and model."""
+    labels = {"provider": spec.provider if spec else "unknown",
+              "model": spec.name if spec else "unknown"}
+    failed = [r for r in exc.retries if r.kind != "rate_limit"]
+    for r in failed:
+        rec.inc("undying_model_retries_total", kind=r.kind, **labels)
+    limited = sum(1 for r in failed if r.kind == "http_429")
+    if limited:
+        rec.inc("undying_model_rate_limited_total", limited, **labels)
 
 
 def _text(value: Any) -> str:

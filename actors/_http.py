@@ -9,6 +9,13 @@ attempts the loop sleeps ``Retry-After`` when the provider sent one, else an
 exponential back-off with full jitter, so a thousand agents that failed
 together do not retry together.
 
+A wait longer than ``passivate_after_s`` (a long Retry-After, a long queue at
+the rate limiter) is not slept when the request allows it (``can_defer``):
+the call ends with `RetryLater`, its run sets a durable timer and passivates,
+and the timer dispatches the call again, with the attempts made so far
+(``tries``) still counting against ``max_attempts``. Nothing then holds a
+process, a connection or an executor slot while the run waits.
+
 Secrets: the API key is read from the environment at call time, sent only in
 a header, and never stored on the instance; every error text leaving this
 module is scrubbed of it, and httpx exceptions (whose ``request`` carries the
@@ -41,6 +48,7 @@ from ._models import (
     ModelResponse,
     ProviderError,
     RateLimiter,
+    RetryLater,
     RetryRecord,
     build_model,
     close_model,
@@ -57,6 +65,7 @@ FATAL_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 RETRY_OPTIONS = frozenset({
     "timeout_s", "connect_timeout_s", "max_attempts", "backoff_base_s", "backoff_cap_s",
     "max_retry_after_s", "malformed_retries", "fallback", "failover_after",
+    "passivate_after_s", "max_passivated_wait_s",
     "rpm", "tpm", "rpm_burst", "tpm_burst", "price_in_per_mtok", "price_out_per_mtok",
     "max_tokens", "temperature",
 })
@@ -82,6 +91,10 @@ class RetryPolicy:
     connect_timeout_s: float = 5.0
     malformed_retries: int = 2  # a body that is not JSON at all: retried this many times
     failover_after: int = 2  # consecutive transient failures before the fallback is used
+    # a longer wait passivates the run on a durable timer instead of sleeping (when the
+    # executor allows it); such a wait honours Retry-After up to max_passivated_wait_s
+    passivate_after_s: float = 5.0
+    max_passivated_wait_s: float = 3600.0
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> RetryPolicy:
@@ -92,8 +105,12 @@ class RetryPolicy:
                 timeout_s=float(options.get("timeout_s", cls.timeout_s)),
                 connect_timeout_s=float(options.get("connect_timeout_s", cls.connect_timeout_s)),
                 malformed_retries=int(options.get("malformed_retries", cls.malformed_retries)),
-                failover_after=int(options.get("failover_after", cls.failover_after)))
-        if p.max_attempts < 1 or p.failover_after < 1 or p.timeout_s <= 0:
+                failover_after=int(options.get("failover_after", cls.failover_after)),
+                passivate_after_s=float(options.get("passivate_after_s", cls.passivate_after_s)),
+                max_passivated_wait_s=float(options.get("max_passivated_wait_s",
+                                                        cls.max_passivated_wait_s)))
+        if (p.max_attempts < 1 or p.failover_after < 1 or p.timeout_s <= 0
+                or p.passivate_after_s < 0):
             raise ModelConfigError(f"retry options out of range: {p}")
         return p
 
@@ -101,16 +118,21 @@ class RetryPolicy:
         """Full jitter: uniform over [0, min(cap, base * 2**retry)], ``retry`` counted from 0."""
         return rng.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** retry))
 
-    def delay(self, retry: int, retry_after_s: float | None, rng: random.Random) -> float:
-        """Seconds to sleep before the next attempt.
+    def delay(self, retry: int, retry_after_s: float | None, rng: random.Random,
+              passivated: bool = False) -> float:
+        """Seconds to wait before the next attempt.
 
-        A provider's Retry-After is a floor (capped by ``max_retry_after_s``),
-        plus up to 10 % jitter so that the callers it turned away do not all
-        come back in the same instant.
+        A provider's Retry-After is a floor (capped by ``max_retry_after_s``, or by
+        ``max_passivated_wait_s`` when the wait may passivate the run: it then costs
+        nothing, and coming back early would only be turned away again), plus up to
+        10 % jitter so that the callers it turned away do not all come back in the
+        same instant.
         """
         if retry_after_s is None:
             return self.backoff(retry, rng)
-        floor = min(max(retry_after_s, 0.0), self.max_retry_after_s)
+        cap = max(self.max_retry_after_s, self.max_passivated_wait_s) if passivated \
+            else self.max_retry_after_s
+        floor = min(max(retry_after_s, 0.0), cap)
         return floor + rng.uniform(0.0, 0.1 * floor)
 
 
@@ -240,13 +262,18 @@ class HttpProvider:
 
     async def _complete(self, request: ModelRequest) -> ModelResponse:
         retries: list[RetryRecord] = []
-        failures = malformed = 0
-        attempt = 0
+        malformed = 0
+        # attempts of earlier dispatches (before a passivated back-off) count: all failed
+        failures = attempt = max(0, request.tries)
+        slot_held = request.slot_reserved
         while True:
             attempt += 1
             reserved = self._estimate(request)
             if self.limiter is not None:
-                await self.limiter.acquire(self.bucket, reserved, limits=self.limits)
+                if slot_held:
+                    slot_held = False  # reserved before the run passivated: it is ours now
+                else:
+                    await self._acquire(request, reserved, attempt, retries)
             try:
                 resp = await self._send(request)
             except ProviderError as exc:
@@ -261,7 +288,15 @@ class HttpProvider:
                     return await self._failover(request, attempt, retries, exc)
                 if attempt >= self.policy.max_attempts:
                     raise self._final(exc, attempt, retries) from None
-                delay = self.policy.delay(attempt - 1, exc.retry_after_s, self.rng)
+                delay = self.policy.delay(attempt - 1, exc.retry_after_s, self.rng,
+                                          passivated=request.can_defer)
+                if request.can_defer and delay > self.policy.passivate_after_s:
+                    retries.append(self._record(attempt, exc, delay, passivated=True))
+                    raise RetryLater(
+                        f"{self.label}: attempt {attempt} failed ({exc.kind}); the next "
+                        f"waits {delay:.1f} s, passivated", provider=self.provider,
+                        wait_s=delay, kind=exc.kind, attempts=attempt, retries=tuple(retries),
+                        status=exc.status, retry_after_s=exc.retry_after_s) from None
                 retries.append(self._record(attempt, exc, delay))
                 await self.sleep(delay)
                 continue
@@ -272,11 +307,48 @@ class HttpProvider:
                                            limits=self.limits, wait=False)
             return replace(resp, attempts=attempt, retries=tuple(retries))
 
+    async def _acquire(self, request: ModelRequest, tokens: int, attempt: int,
+                       retries: list[RetryRecord]) -> None:
+        """The rate limiter's slot for this attempt: waited for here, or, when the queue is
+        longer than ``passivate_after_s`` and the request may defer, `RetryLater`.
+
+        A limiter that can reserve (`RedisRateLimiter.reserve`) is asked once: a slot
+        within its horizon is reserved and kept across the passivation (the call keeps its
+        place in the queue and does not queue again); a queue beyond the horizon reserves
+        nothing, and the call comes back when its slot is nearly in reach."""
+        assert self.limiter is not None
+        reserve = getattr(self.limiter, "reserve", None)
+        if not request.can_defer or reserve is None:
+            await self.limiter.acquire(self.bucket, tokens, limits=self.limits)
+            return
+        try:
+            res = await reserve(self.bucket, limits=self.limits, tokens=tokens)
+        except Exception:  # the limiter's store: acquire knows whether to fail open
+            await self.limiter.acquire(self.bucket, tokens, limits=self.limits)
+            return
+        if res.granted and res.wait_s <= self.policy.passivate_after_s:
+            if res.wait_s > 0:
+                await self.sleep(res.wait_s)
+            return
+        wait = res.wait_s
+        if not res.granted:  # as the limiter does: return spread out, a little before the slot
+            horizon = float(getattr(self.limiter, "max_reserve_s", 0.0))
+            wait = max(self.policy.passivate_after_s,
+                       res.wait_s - horizon * self.rng.uniform(0.5, 0.9))
+        retries.append(RetryRecord(attempt=attempt, kind="rate_limit", waited_s=round(wait, 4),
+                                   model=f"{self.provider}:{self.spec.name}", passivated=True))
+        raise RetryLater(f"{self.label}: the rate limiter's next slot is {res.wait_s:.1f} s "
+                         "away; passivated", provider=self.provider, wait_s=wait,
+                         kind="rate_limit", attempts=attempt - 1, retries=tuple(retries),
+                         slot=res.granted)
+
     async def _failover(self, request: ModelRequest, attempt: int, retries: list[RetryRecord],
                         last: ProviderError) -> ModelResponse:
         assert self.fallback is not None
         try:
-            resp = await self.fallback.complete(request)
+            # the fallback sleeps its own waits: this call's attempts are counted here
+            resp = await self.fallback.complete(replace(request, can_defer=False, tries=0,
+                                                        slot_reserved=False))
         except ProviderError as exc:
             exc.args = (f"{self.label} failed {attempt} times (last: {last}); its fallback failed "
                         f"too: {exc}",)
@@ -286,10 +358,10 @@ class HttpProvider:
         return replace(resp, attempts=attempt + resp.attempts, retries=tuple(retries) + resp.retries)
 
     def _record(self, attempt: int, exc: ProviderError, waited: float,
-                kind: str | None = None) -> RetryRecord:
+                kind: str | None = None, passivated: bool = False) -> RetryRecord:
         return RetryRecord(attempt=attempt, kind=kind or exc.kind, waited_s=round(waited, 4),
                            status=exc.status, retry_after_s=exc.retry_after_s,
-                           model=f"{self.provider}:{self.spec.name}")
+                           model=f"{self.provider}:{self.spec.name}", passivated=passivated)
 
     def _final(self, exc: ProviderError, attempt: int, retries: list[RetryRecord]) -> ProviderError:
         exc.attempts, exc.retries = attempt, tuple(retries)

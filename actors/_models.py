@@ -36,6 +36,11 @@ class ModelRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
     effect_id: str = ""
+    # a wait longer than the retry policy's ``passivate_after_s`` may end the call with
+    # `RetryLater` instead of a sleep (the executor's runs have durable timers to wait on)
+    can_defer: bool = False
+    tries: int = 0  # attempts made in earlier dispatches of this call: they count
+    slot_reserved: bool = False  # the rate limiter's slot for the first attempt is held
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class RetryRecord:
     status: int | None = None
     retry_after_s: float | None = None  # what the provider asked for, before capping
     model: str = ""  # "provider:name" of the endpoint that failed
+    passivated: bool = False  # the wait was not slept: the run passivated on a durable timer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +111,26 @@ class MalformedOutput(ProviderError):
                  retries: tuple[RetryRecord, ...] = ()) -> None:
         super().__init__(message, provider=provider, status=status, retryable=retryable,
                          kind="malformed", attempts=attempts, retries=retries)
+
+
+class RetryLater(ProviderError):
+    """Not a failure: the next attempt must wait ``wait_s``, longer than is worth holding
+    an executor for (a long Retry-After, a rate limiter's queue). The run sets a durable
+    timer and passivates; the timer dispatches the call again, its attempts counted on.
+
+    ``kind``: why ("http_429", "http_503", "rate_limit", ...); ``attempts``: attempts made
+    so far, earlier dispatches included; ``slot``: a rate-limiter slot at the end of the
+    wait is reserved for the next attempt (it must not queue again)."""
+
+    def __init__(self, message: str, *, provider: str, wait_s: float, kind: str,
+                 attempts: int, retries: tuple[RetryRecord, ...] = (),
+                 status: int | None = None, retry_after_s: float | None = None,
+                 slot: bool = False) -> None:
+        super().__init__(message, provider=provider, status=status, retryable=True,
+                         retry_after_s=retry_after_s, kind=kind, attempts=attempts,
+                         retries=retries)
+        self.wait_s = wait_s
+        self.slot = slot
 
 
 class ModelFactory(Protocol):

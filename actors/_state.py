@@ -171,7 +171,19 @@ class PendingEffect(Strict):
     effect_id: str
     kind: Literal["model", "tool"]
     step: int
-    attempt: int = 1  # bumped each time the call is dispatched again after its executor died
+    attempt: int = 1  # bumped each time the call is dispatched again (executor died, back-off)
+    # a model call backing off on a durable timer until then: nothing is dispatched, no
+    # executor holds it, the timer dispatches it again (see `ModelRetry`)
+    retry_at_ms: int | None = None
+    backoffs: int = 0  # dispatches that ended in such a back-off (they are not losses)
+    tries: int = 0  # provider attempts made by earlier dispatches (they count against the limit)
+    slot: bool = False  # the rate limiter's slot for the next attempt is reserved already
+    retries: tuple[dict[str, Any], ...] = ()  # retry records of earlier dispatches
+
+    @property
+    def backing_off(self) -> bool:
+        """Waiting for its back-off timer, not for an executor."""
+        return self.retry_at_ms is not None
 
 
 class RunState(Strict):
@@ -240,6 +252,24 @@ class ModelFailed(Strict):
     # the provider answered, but unusably: the model is told what was wrong (up to a limit)
     malformed: bool = False
     retries: tuple[dict[str, Any], ...] = ()
+
+
+class ModelRetry(Strict):
+    """A model call's next attempt must wait longer than is worth holding an executor for
+    (a long Retry-After, a long queue at the rate limiter): the run records it, sets a
+    durable timer for ``at_ms`` and passivates; the timer dispatches the call again."""
+
+    type: Literal["model_retry"] = "model_retry"
+    id: str
+    effect_id: str
+    attempt: int  # the dispatch that asks to wait
+    at_ms: int  # when to try again
+    wait_s: float
+    reason: str  # "http_429", "http_503", "rate_limit", ...
+    retry_after_s: float | None = None  # what the provider asked for
+    attempts: int = 0  # provider attempts made so far, earlier dispatches included
+    slot: bool = False  # a rate-limiter slot at ``at_ms`` is reserved for the next attempt
+    retries: tuple[dict[str, Any], ...] = ()  # this dispatch's, the deferred one last
 
 
 class ToolResult(Strict):
@@ -322,7 +352,8 @@ class Timer(Strict):
 
 
 Message = Annotated[Start | ModelReply | ModelFailed | ToolResult | ChildResult | Cancel | Spawn
-                    | EffectLost | Timer | Approval | Resolve, Field(discriminator="type")]
+                    | EffectLost | Timer | Approval | Resolve | ModelRetry,
+                    Field(discriminator="type")]
 
 
 class Envelope(Strict):

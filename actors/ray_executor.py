@@ -31,7 +31,10 @@ class ExecutorActor:
         self.store = RedisStore(redis_url)
         self.executor = Executor(self.store, name,
                                  concurrency=int(opts.get("executor_concurrency", 2000)),
-                                 claim_lease_ms=int(opts.get("claim_lease_ms", 4000)))
+                                 claim_lease_ms=int(opts.get("claim_lease_ms", 4000)),
+                                 # the supervisor fires runs' timers: a long back-off
+                                 # passivates its run instead of sleeping here
+                                 passivate_waits=bool(opts.get("passivate_waits", True)))
         self.node_id = ray.get_runtime_context().get_node_id()
         self._boot: asyncio.Task[None] | None = None
         self.reported_lost = 0

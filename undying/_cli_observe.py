@@ -3,7 +3,8 @@
     undying watch RUN [--tree] [--cursor FILE]   steps live; with --cursor, a watch that is
                                                  stopped and started again goes on from the
                                                  last event it printed (no gap, no duplicate)
-    undying history RUN [--json]                 every step: time, kind, status, duration, size
+    undying history RUN [--json]                 every step: time, kind, status, duration, size,
+                                                 and what it did (retries and back-offs too)
     undying fork RUN --at STEP                   a new run from the state after STEP
     undying gc [--older-than 7d] [--dry-run]     remove ended runs idle for that long
     undying exporter --port 9464                 the Prometheus exporter of the whole cluster
@@ -113,8 +114,12 @@ def cmd_history(args: argparse.Namespace) -> int:
         restarts += e.kind == "restart"
         approvals += e.kind == "approval"
         mark = "S" if e.snapshot_bytes else " "
-        print(f"{_when(e.at_ms):<12} {e.step:4d}  {e.kind:<13} {e.status:<9} {e.epoch:5d} "
-              f"{e.duration_ms:7.1f} ms {size:6d}{mark}  {e.summary[:70]}")
+        row = (f"{_when(e.at_ms):<12} {e.step:4d}  {e.kind:<13} {e.status:<9} {e.epoch:5d} "
+               f"{e.duration_ms:7.1f} ms {size:6d}{mark}  ")
+        print(row + e.summary[:70])
+        # the rest of a long summary (a model call's retries and waits) under the first part
+        for i in range(70, len(e.summary), 70):
+            print(" " * len(row) + e.summary[i:i + 70])
     if rows:
         wall = (rows[-1][1].at_ms - rows[0][1].at_ms) / 1000
         steps = sum(1 for _, e in rows if e.kind not in ("restart", "fork"))

@@ -566,6 +566,11 @@ def _summary(s: RunState, kind: str, old: RunState | None = None,
         return f"model: {', '.join(names) or 'reply'}{tail}"[:300]
     if kind == "model_failed" and retried:
         return f"model reply unusable, the model was told; {retried}"[:300]
+    if kind == "tool_result" and s.status == "waiting":  # before the general tool case
+        waiting = [e for e in s.journal.values() if e.status == "awaiting_approval"]
+        if waiting:
+            e = waiting[-1]
+            return f"awaiting approval: {e.call_id} {e.tool} {_args(e.arguments)}"[:300]
     if kind == "tool_result" and last is not None:
         return f"tool {last.name}: {len(last.content)} chars"
     if kind == "child_result":
@@ -573,11 +578,6 @@ def _summary(s: RunState, kind: str, old: RunState | None = None,
         return f"sub-agent ended ({len(d.done)} done, {len(d.pending)} pending)"
     if kind == "effect_lost":
         return "a call was lost with its executor: dispatched again or marked in doubt"
-    if kind == "tool_result" and s.status == "waiting":
-        waiting = [e for e in s.journal.values() if e.status == "awaiting_approval"]
-        if waiting:
-            e = waiting[-1]
-            return f"awaiting approval: {e.call_id} {e.tool} {_args(e.arguments)}"[:300]
     if kind == "approval":
         decided = [e for e in s.journal.values() if e.approval]
         if decided:

@@ -69,6 +69,8 @@ def test_an_always_approval_waits_passivated_and_records_who_approved_and_when(
                               "args_hash": row.args_hash, "reason": ""}
     at_ms = entry.approval["at_ms"]
     assert before <= at_ms <= after
+    asked = [e for e in ud.history(h.run_id) if e.status == "waiting"][-1]
+    assert asked.summary == f'awaiting approval: {row.call_id} hold {{"what": "deploy v2"}}'
     [approved] = [e for e in ud.history(h.run_id) if e.kind == "approval"]
     assert approved.summary == f"approved {row.call_id} (hold) by dana, args {row.args_hash}"
     assert approved.at_ms >= at_ms and approved.status == "running"

@@ -97,12 +97,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _show_model(config)
     print(f"  questions: {questions}")
     t0 = time.monotonic()
+    # on Ctrl-C, run_batch prints the `undying batch` command that continues the demo's batch
+    # with the same agent: the questions not started yet run as the demo would have run them
+    argv = ["batch", str(questions), "--out", str(out), "--concurrency", str(args.concurrency),
+            "--agent", LEAD_AGENT]
+    if config is None:
+        argv += ["--latency", f"{args.latency:g}"]
+    elif args.model_config:
+        argv += ["--model-config", args.model_config]  # (or the same UNDYING_* variables)
     try:
-        report = run_batch(ud, agent, questions, out, concurrency=args.concurrency)
+        report = run_batch(ud, agent, questions, out, concurrency=args.concurrency, argv=argv)
     except KeyboardInterrupt:
-        more = f" --model-config {args.model_config}" if args.model_config else ""
-        print(f"\nundying: demo stopped; continue it with: undying batch {questions} --out {out}"
-              f"{more}", file=sys.stderr)
         return 130
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     print()
@@ -169,9 +174,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     try:
         report = run_batch(ud, agent, questions, out, concurrency=args.concurrency)
     except KeyboardInterrupt:
-        print("\nundying: batch stopped; runs in flight keep their checkpoints. Run the same "
-              "command again to continue.", file=sys.stderr)
-        return 130
+        return 130  # run_batch printed the command that continues the batch
     print(f"{report.finished} finished, {report.failed} failed, {report.already_done} already "
           f"done, {len(report.bad_lines)} bad lines skipped, at most {report.subagents_peak} "
           f"sub-agents in flight; results in {out}")

@@ -1,0 +1,5 @@
+"""`python -m undying ...`: the same as the `undying` command."""
+
+from undying.cli import main
+
+raise SystemExit(main())

@@ -162,7 +162,8 @@ class RunHost:
         """Keep the run active a little while a call it dispatched may answer at once."""
         state = engine.state
         if (self.linger_ms <= 0 or state is None or state.status in TERMINAL
-                or not state.pending or self.stopping.is_set()):
+                or self.stopping.is_set()
+                or all(p.backing_off for p in state.pending.values())):  # (or none pending)
             return False
         if self.store.wait_inbox(run_id, engine.read_cursor, self.hid, self.linger_ms):
             self.stats["lingered"] = self.stats.get("lingered", 0) + 1

@@ -34,7 +34,7 @@ from ._keys import (
     _s,
     _taking,
 )
-from ._store import Activation, Claim, Delivery
+from ._store import STATUSES, Activation, Claim, Delivery
 
 T = TypeVar("T")
 
@@ -253,12 +253,13 @@ class RedisActivation:
         v = self._retry(lambda: self.r.getdel(key) if clear else self.r.get(key))
         return "" if v is None else _s(v)
 
-    def census(self, prefix: str) -> dict[str, list[int]]:
+    def census(self, prefix: str, statuses: Iterable[str] = STATUSES) -> dict[str, list[int]]:
         """Runs whose id starts with ``prefix`` by status: [roots, sub-agents] (a sub-agent's
-        id is its parent's id, a dot, the parent's step...). For progress displays."""
+        id is its parent's id, a dot, the parent's step...). For progress displays: ask for
+        the live statuses only, and the cost is that of the runs in flight, not of every
+        run ever ended."""
         out: dict[str, list[int]] = {}
-        for status in ("pending", "running", "waiting", "finished", "failed", "cancelled",
-                       "quarantined"):
+        for status in statuses:
             counts = [0, 0]
             for m in self.r.sscan_iter(f"ud:state:{status}", match=f"{prefix}*", count=1000):
                 counts[1 if "." in _s(m)[len(prefix):] else 0] += 1

@@ -411,11 +411,11 @@ class MemoryStore:
             run = self._runs.get(run_id)
             return run is not None and run.lease == "ready"
 
-    def census(self, prefix: str) -> dict[str, list[int]]:
+    def census(self, prefix: str, statuses: Iterable[str] = STATUSES) -> dict[str, list[int]]:
         with self._lock:
-            out = {s: [0, 0] for s in STATUSES}
+            out = {s: [0, 0] for s in statuses}
             for run_id, run in self._runs.items():
-                if run_id.startswith(prefix):
+                if run_id.startswith(prefix) and str(run.meta["status"]) in out:
                     out[str(run.meta["status"])][1 if "." in run_id[len(prefix):] else 0] += 1
             return out
 

@@ -288,7 +288,7 @@ def _count_subagents(ud: Any, report: BatchReport) -> None:
     census = getattr(ud.store, "census", None)
     if census is None:
         return
-    c = census(report.batch_id)
+    c = census(report.batch_id, statuses=("pending", "running", "waiting"))
     report.subagents_in_flight = sum(c[s][1] for s in ("pending", "running", "waiting"))
     report.subagents_peak = max(report.subagents_peak, report.subagents_in_flight)
 

@@ -26,6 +26,7 @@ from undying.persistence import (
     CheckpointStore,
     Commit,
     CorruptCheckpoint,
+    InboxEntry,
     NeedsUpgrade,
     RunExists,
     RunNotFound,
@@ -370,18 +371,22 @@ class RunEngine:
         n = 0
         while True:
             entries = self.store.read_inbox(self.run_id, self.read_cursor, 100)
-            for entry in entries:
-                self.read_cursor = entry.entry_id
-                try:
-                    env = unpack("message", entry.data, run_id=self.run_id)
-                    msg = validate("message", Envelope, env, run_id=self.run_id).message
-                except CorruptCheckpoint as exc:
-                    self.store.quarantine(self.run_id, f"inbox entry {entry.entry_id}: {exc.reason}")
-                    raise
-                self.queue.append((msg, entry.entry_id, time.perf_counter()))
-                n += 1
+            n += self.feed(entries)
             if len(entries) < 100:
                 return n
+
+    def feed(self, entries: Sequence[InboxEntry]) -> int:
+        """Queue inbox entries read by the caller (in order, after ``read_cursor``)."""
+        for entry in entries:
+            self.read_cursor = entry.entry_id
+            try:
+                env = unpack("message", entry.data, run_id=self.run_id)
+                msg = validate("message", Envelope, env, run_id=self.run_id).message
+            except CorruptCheckpoint as exc:
+                self.store.quarantine(self.run_id, f"inbox entry {entry.entry_id}: {exc.reason}")
+                raise
+            self.queue.append((msg, entry.entry_id, time.perf_counter()))
+        return len(entries)
 
     # -- the loop -------------------------------------------------------------
 

@@ -158,6 +158,10 @@ class Executor:
                 await self._run(req)
 
     async def _claim(self, req: EffectRequest) -> bool:
+        running = self.claimed.get(f"{req.run_id}|{req.effect_id}")
+        if running is not None and running.attempt == req.attempt:
+            self.stats["skipped"] += 1  # a second copy of a dispatch running here
+            return False
         claim = self.store.fx_claim(req.run_id, req.effect_id, req.attempt, self.name,
                                     self.claim_lease_ms, self.incarnation)
         if claim.status != "ok":

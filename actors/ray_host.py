@@ -165,7 +165,9 @@ class RunHost:
                 or self.stopping.is_set()
                 or all(p.backing_off for p in state.pending.values())):  # (or none pending)
             return False
-        if self.store.wait_inbox(run_id, engine.read_cursor, self.hid, self.linger_ms):
+        got = self.store.wait_inbox(run_id, engine.read_cursor, self.hid, self.linger_ms)
+        if got:
+            engine.feed(got)  # what XREAD returned: no second read
             self.stats["lingered"] = self.stats.get("lingered", 0) + 1
             return True
         return False

@@ -34,7 +34,7 @@ from ._keys import (
     _s,
     _taking,
 )
-from ._store import STATUSES, Activation, Claim, Delivery
+from ._store import STATUSES, Activation, Claim, Delivery, InboxEntry
 
 T = TypeVar("T")
 
@@ -105,10 +105,11 @@ class RedisActivation:
             raise Quarantined(run_id, _s(res[1]))
         return Activation(run_id, int(res[1]), _s(res[3]), _s(res[2]) == "1", int(res[4] or 0))
 
-    def wait_inbox(self, run_id: str, after: str, host: str, timeout_ms: int) -> bool:
-        """Linger before passivating: wait up to ``timeout_ms`` for a message after
-        ``after`` in the run's inbox, unless a run is already queued for this host (or for
-        any host), which this one should take instead. True: something arrived.
+    def wait_inbox(self, run_id: str, after: str, host: str,
+                   timeout_ms: int) -> list[InboxEntry]:
+        """Linger before passivating: wait up to ``timeout_ms`` for messages after ``after``
+        in the run's inbox, unless a run is already queued for this host (or for any host),
+        which this one should take instead. Returns what arrived (up to 100), in order.
 
         Nothing is written: a short wait for a fast call's result saves the passivation,
         the wake-up and the activation it would otherwise cost (three fsynced writes)."""
@@ -119,16 +120,16 @@ class RedisActivation:
             return any(n > 0 for n in pipe.execute())
 
         if self._retry(queued):
-            return False
+            return []
         if self._blocking is None:
             self._blocking = redis.Redis.from_url(self.url, socket_timeout=10,
                                                   socket_connect_timeout=2)
         try:
-            got = self._blocking.xread({_k(run_id, "inbox"): after}, count=1,
+            got = self._blocking.xread({_k(run_id, "inbox"): after}, count=100,
                                        block=max(1, int(timeout_ms)))
         except (redis.ConnectionError, redis.TimeoutError):
-            return False  # the store is down: passivating will say so
-        return bool(got)
+            return []  # the store is down: passivating will say so
+        return [InboxEntry(_s(eid), fields[b"m"]) for _, rows in got for eid, fields in rows]
 
     def passivate(self, run_id: str, epoch: int, cursor: str, host: str = "") -> str:
         """Give the run's process back: "ok", or "more" / "outbox" (keep going), or raises.
@@ -304,7 +305,13 @@ class RedisActivation:
             keys=[_k(run_id, "meta"), _k(run_id, "fx"), FX_DUE, _execset(executor)],
             args=[run_id, effect_id, attempt, f"{executor}#{incarnation}", lease_ms, _now_ms(),
                   member]))
-        return Claim(_s(res[0]).lower(), _s(res[1]))
+        status, cur = _s(res[0]).lower(), _s(res[1])
+        if status == "skip" and cur == f"{attempt}|c|{executor}#{incarnation}":
+            # claimed by this very executor: a retry (ours or redis-py's) after a lost reply
+            # finds its own claim. (A second copy of one dispatch sent to the same executor
+            # is refused by the executor itself, which knows what it is running.)
+            return Claim("ok")
+        return Claim(status, cur)
 
     def fx_start(self, run_id: str, effect_id: str, attempt: int) -> bool:
         return bool(self._retry(lambda: self._fx_start(keys=[_k(run_id, "fx")],

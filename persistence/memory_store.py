@@ -459,6 +459,8 @@ class MemoryStore:
                 self.fx_due.pop(member, None)
                 return Claim("gone")
             cur = run.fx.get(effect_id)
+            if cur == f"{attempt}|c|{executor}#{incarnation}":
+                return Claim("ok")  # its own claim (see RedisActivation.fx_claim)
             if cur != f"{attempt}|q":
                 return Claim("skip", cur or "")
             run.fx[effect_id] = f"{attempt}|c|{executor}#{incarnation}"

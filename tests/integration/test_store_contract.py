@@ -383,3 +383,19 @@ def test_a_quarantined_run_cannot_be_activated(store: RedisStore) -> None:
     with pytest.raises(Quarantined):
         store.claim_epoch(rid)
     assert store.info(rid).epoch == 0  # no epoch was taken
+
+
+def test_a_dispatch_is_claimed_by_one_executor_and_its_own_retry_finds_it_claimed(
+        backend: Any) -> None:
+    rid = new_run(backend)
+    e = backend.claim_epoch(rid)
+    backend.commit(rid, Commit(epoch=e, step=1, status="running", delta=b"D1",
+                               effects=(("m1", 1),)))
+    assert backend.fx_claim(rid, "m1", 1, "exec-a", 4000, "i1").status == "ok"
+    # the same executor asking again (a retry after a lost reply) finds its own claim
+    assert backend.fx_claim(rid, "m1", 1, "exec-a", 4000, "i1").status == "ok"
+    # anyone else is refused, told who holds it: another executor, or another
+    # incarnation of the same one, or an older attempt
+    assert backend.fx_claim(rid, "m1", 1, "exec-b", 4000, "i2").status == "skip"
+    assert backend.fx_claim(rid, "m1", 1, "exec-a", 4000, "i9").status == "skip"
+    assert backend.fx_claim(rid, "m1", 0, "exec-a", 4000, "i1").status == "skip"

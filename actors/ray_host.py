@@ -4,7 +4,7 @@ A host takes a run from the ready queue, takes its lease with a new epoch,
 applies every message in its inbox (committing after each), and passivates
 it when the inbox is empty: the run then holds no process until its next
 message queues it again, for any host on any node. Model and tool calls go
-to the executor of this node. Runs are activated in well under a millisecond
+to the executor of this node (to its standby while a dead one is replaced). Runs are activated in well under a millisecond
 of Ray time: nothing is created per run.
 
 Liveness: the host renews its registration and its current run's lease
@@ -75,10 +75,18 @@ class RunHost:
         self.linger_ms = int(float(opts.get("linger_ms", LINGER_MS)))
         self.options = opts
         self.current: tuple[str, int] | None = None
+        # this node's executors: calls go to the first one alive (the standby takes over
+        # while a dead one is replaced); the watchers keep `down` up to date
+        from .pool import executor_names
+
+        self.n_executors = len(executor_names(self.node_id, opts))
+        self.down: set[int] = set()
         self.executor: Any = None
+        self.executor_i = 0
         # dispatches not yet confirmed by the executor: a call to an executor that is
         # dying or restarting fails, and is sent again (the claim makes that harmless)
         self.unconfirmed: dict[Any, list[EffectRequest]] = {}
+        self.sent_to: dict[Any, int] = {}  # which of the node's executors each went to
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.stats = {"activations": 0, "steps": 0, "busy": 0, "fenced": 0, "crashed": 0,
@@ -90,8 +98,11 @@ class RunHost:
         self.last_error = ""
         atexit.register(self._drain)
         self.store.host_heartbeat(self.hid, self._record())
-        for target in (self._serve, self._heartbeat, self._confirm, self._watch_executor):
+        for target in (self._serve, self._heartbeat, self._confirm):
             threading.Thread(target=target, name=f"{target.__name__}", daemon=True).start()
+        for i in range(self.n_executors):
+            threading.Thread(target=self._watch_executor, args=(i,), name=f"watch-executor-{i}",
+                             daemon=True).start()
 
     # -- serving -------------------------------------------------------------------
 
@@ -184,16 +195,20 @@ class RunHost:
     def _dispatch(self, requests: list[EffectRequest]) -> None:
         from .pool import get_executor
 
-        if self.executor is None:
+        i = next((k for k in range(self.n_executors) if k not in self.down), 0)
+        if self.executor is None or self.executor_i != i:
             self.executor = get_executor(self.redis_url, self.namespace, self.node_id,
-                                         self.options)
+                                         self.options, i)
+            self.executor_i = i
         try:
             ref = self.executor.perform.remote(requests)
         except Exception:
             self.executor = None  # a stale handle: look it up again on the next try
             ref = None
         with self.lock:
-            self.unconfirmed[ref if ref is not None else object()] = requests
+            key = ref if ref is not None else object()
+            self.unconfirmed[key] = requests
+            self.sent_to[key] = i
 
     def _confirm(self) -> None:
         """Wait for the executor to acknowledge each dispatch; send again what failed."""
@@ -207,35 +222,51 @@ class RunHost:
                 for ref in done:
                     try:
                         ray.get(ref)
-                    except Exception:
+                    except Exception as exc:
                         with self.lock:
                             failed.append(self.unconfirmed.get(ref, []))
+                            if isinstance(exc, ray.exceptions.RayActorError):
+                                # dead: its standby takes the re-sends (its watcher makes a
+                                # new one and brings the calls back when it is up)
+                                self.down.add(self.sent_to.get(ref, self.executor_i))
                     with self.lock:
                         self.unconfirmed.pop(ref, None)
+                        self.sent_to.pop(ref, None)
             with self.lock:
                 for key in [k for k in self.unconfirmed if not isinstance(k, ray.ObjectRef)]:
                     del self.unconfirmed[key]
+                    self.sent_to.pop(key, None)
             if failed:
                 self.stats["redispatched"] = self.stats.get("redispatched", 0) + len(failed)
                 self.executor = None
-                time.sleep(0.2)  # the executor is restarting: give it a moment
+                if len(self.down) >= self.n_executors:
+                    time.sleep(0.2)  # every executor is being replaced: give them a moment
                 for reqs in failed:
                     if reqs:
                         self._dispatch(reqs)
             elif not refs:
                 self.stopping.wait(0.05)
 
-    def _watch_executor(self) -> None:
-        """Keep this node's executor alive, supervisor or not: when it dies, make a new one,
-        whose boot reports the calls the dead one had claimed as lost."""
+    def _watch_executor(self, i: int) -> None:
+        """Keep this node's executor ``i`` alive, supervisor or not: when it dies, calls go
+        to the next one alive at once, and a new one is made, whose boot reports the calls
+        the dead one had claimed as lost; calls come back to it once it is up."""
         from .pool import get_executor
 
         while not self.stopping.is_set():
             try:
-                handle = get_executor(self.redis_url, self.namespace, self.node_id, self.options)
+                handle = get_executor(self.redis_url, self.namespace, self.node_id,
+                                      self.options, i)
+                ray.get(handle.__ray_ready__.remote())
+                if i in self.down:
+                    self.down.discard(i)
+                    if i < self.executor_i:
+                        self.executor = None  # back to the first executor alive
                 ray.get(handle.wait.remote())
             except ray.exceptions.RayActorError:
-                self.executor = None
+                self.down.add(i)
+                if self.executor_i == i:
+                    self.executor = None
                 time.sleep(0.05 + random.random() * 0.2)  # the hosts of a node race to make it
             except Exception:
                 time.sleep(1.0)

@@ -259,12 +259,15 @@ class RedisActivation:
         id is its parent's id, a dot, the parent's step...). For progress displays: ask for
         the live statuses only, and the cost is that of the runs in flight, not of every
         run ever ended."""
-        out: dict[str, list[int]] = {}
+        found: dict[str, str] = {}  # run -> status
         for status in statuses:
-            counts = [0, 0]
             for m in self.r.sscan_iter(f"ud:state:{status}", match=f"{prefix}*", count=1000):
-                counts[1 if "." in _s(m)[len(prefix):] else 0] += 1
-            out[status] = counts
+                # the sets are read one after another: a run that moved meanwhile is seen
+                # twice, and is counted once (in the status read last)
+                found[_s(m)] = status
+        out = {status: [0, 0] for status in statuses}
+        for run, status in found.items():
+            out[status][1 if "." in run[len(prefix):] else 0] += 1
         return out
 
     # -- hosts -------------------------------------------------------------------

@@ -4,8 +4,8 @@ One named, detached actor (``undying-supervisor``) on the head node, restarted
 by Ray when it dies. It holds nothing it cannot rebuild from Redis.
 
 What it watches, and what it does:
-- the pool (`undying.actors.pool`): keeps a host pool and an executor on
-  every live node; a pending ``wait()`` call on each tells it of a death at once;
+- the pool (`undying.actors.pool`): keeps a host pool and two executors (one a
+  hot standby) on every live node; a pending ``wait()`` call on each tells it of a death at once;
 - activations that died: a run whose lease expired (a dead, hung or
   partitioned host, or a node Ray has not yet declared dead: Ray's default
   health checks take ~15 s, a lease 3 s), whose host Ray reported dead, or
@@ -33,7 +33,14 @@ from undying.actors import StepEvent
 from undying.actors._engine import encode_message, end_run
 from undying.actors._executor import rec_started, report_lost
 from undying.actors._state import Timer
-from undying.actors.pool import EXECUTOR, HOST, alive_nodes, ensure_pool, executor_name
+from undying.actors.pool import (
+    EXECUTOR,
+    HOST,
+    alive_nodes,
+    ensure_pool,
+    executor_names,
+    node_of,
+)
 from undying.persistence import TERMINAL, Quarantined, RedisStore, RunNotFound, encode
 
 from ._observe import Housekeeping, note_lease_expired, note_restart
@@ -354,9 +361,9 @@ class SupervisorActor:
         lost, new = self.alive_nodes - alive, alive - self.alive_nodes
         for node in lost:
             self.stats["nodes_lost"] += 1
-            # its executor's calls are lost now, not when their claims go overdue
-            await asyncio.to_thread(self._executor_gone, executor_name(node), None,
-                                    f"node {node} lost")
+            # its executors' calls are lost now, not when their claims go overdue
+            for name in executor_names(node, self.options):
+                await asyncio.to_thread(self._executor_gone, name, None, f"node {node} lost")
         if new or lost:
             await self.ensure_pool()
         self.alive_nodes = alive
@@ -364,7 +371,7 @@ class SupervisorActor:
 
 def lost_node_ok(executor: str, alive: set[str]) -> bool:
     """Whether the executor's node is (still) alive, so a successor may run under its name."""
-    return executor.split(":", 1)[-1] in alive
+    return node_of(executor) in alive
 
 
 def _live_incarnation(name: str, namespace: str) -> str | None:

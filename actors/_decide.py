@@ -263,13 +263,15 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
     calls: list[Effect] = []
     spawns: list[Effect] = []
     errors = 0
+    last_error = ""
     tools = state.context.tools
     for i, tc in enumerate(reply.tool_calls):
         info = tools.get(tc.name)
         if info is None:
             errors += 1
             known = ", ".join(sorted(tools)) or "none"
-            convo.append(_tool_msg(tc, f"error: unknown tool {tc.name!r}; available: {known}"))
+            last_error = f"unknown tool {tc.name!r}; available: {known}"
+            convo.append(_tool_msg(tc, f"error: {last_error}"))
         elif info.builtin and tc.name == "delegate":
             problem, delegation, more = _delegate(state, delegation, tc, step, i, usage)
             if problem is not None:
@@ -291,7 +293,7 @@ def _model_reply(state: RunState, msg: ModelReply) -> tuple[RunState, list[Effec
                   usage=usage, model_errors=model_errors, delegation=delegation)
     if model_errors > state.context.budgets.max_model_errors:
         return _advance(state, status="failed", pending={},
-                        error=f"model made {model_errors} malformed turns", **update), []
+                        error=_too_many_errors(state, model_errors, last_error), **update), []
     if calls or _waiting_for_children(delegation):
         new = _advance(state, status="running", pending=pending, **update)
         return new, ([] if new.status in TERMINAL else [*calls, *spawns])
@@ -367,6 +369,12 @@ def _delegate(state: RunState, d: Delegation, tc: ToolCallRequest, step: int,
     return None, d, spawns
 
 
+def _too_many_errors(state: RunState, errors: int, last: str) -> str:
+    limit = state.context.budgets.max_model_errors
+    return (f"budget exceeded: malformed model turns {errors} > {limit} "
+            f"(model made {errors} malformed turns), last: {last}")
+
+
 def _model_error(state: RunState, convo: list[ChatMessage], pending: dict[str, PendingEffect],
                  usage: Usage, text: str) -> tuple[RunState, list[Effect]]:
     errors = state.model_errors + 1
@@ -374,7 +382,7 @@ def _model_error(state: RunState, convo: list[ChatMessage], pending: dict[str, P
     if errors > state.context.budgets.max_model_errors:
         return _advance(state, status="failed", conversation=tuple(convo), pending={},
                         usage=usage, model_errors=errors,
-                        error=f"model made {errors} malformed turns, last: {text}"), []
+                        error=_too_many_errors(state, errors, text)), []
     return _call_model(state, conversation=tuple(convo), pending=pending, usage=usage,
                        model_errors=errors)
 

@@ -447,3 +447,20 @@ def test_the_research_run_is_deterministic_through_the_engine() -> None:
     # and the engine takes exactly the path the pure loop takes
     pure = asyncio.run(_drive(fresh("run-fixed"), TASK))
     assert a.conversation == pure.conversation and a.journal == pure.journal and a.step == pure.step
+
+
+def test_too_many_unknown_tool_calls_fail_the_run_naming_the_limit_and_the_last_problem() -> None:
+    from undying.actors import Budgets, ChatMessage, ModelReply, RunState, Start, ToolCallRequest, decide
+    from undying.actors.research import agent as research
+
+    ctx = research.context().model_copy(update={"budgets": Budgets(max_model_errors=1)})
+    s, _ = decide(RunState(run_id="r", context=ctx), Start(id="start", task="q"))
+    for n in (1, 2):
+        eid = next(iter(s.pending))
+        call = ToolCallRequest(id=f"c{n}", name="frobnicate", arguments={})
+        s, _ = decide(s, ModelReply(id=f"reply:{eid}", effect_id=eid,
+                                    message=ChatMessage(role="assistant", tool_calls=(call,))))
+    assert s.status == "failed"
+    assert (s.error or "").startswith(
+        "budget exceeded: malformed model turns 2 > 1 (model made 2 malformed turns), "
+        "last: unknown tool 'frobnicate'; available: "), s.error

@@ -4,8 +4,9 @@ A host takes a run from the ready queue, takes its lease with a new epoch,
 applies every message in its inbox (committing after each), and passivates
 it when the inbox is empty: the run then holds no process until its next
 message queues it again, for any host on any node. Model and tool calls go
-to the executor of this node (to its standby while a dead one is replaced). Runs are activated in well under a millisecond
-of Ray time: nothing is created per run.
+to the executor of this node (to its standby while a dead one is replaced).
+Runs are activated in well under a millisecond of Ray time: nothing is
+created per run.
 
 Liveness: the host renews its registration and its current run's lease
 every ~0.5 s. If its process dies, Ray reports it at once (hosts use no Ray

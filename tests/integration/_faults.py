@@ -60,7 +60,8 @@ def executor_pid(ud: Undying, node_id: str | None = None) -> int:
 
     node = node_id or ray.get_runtime_context().get_node_id()
     h = ray.get_actor(executor_name(node), namespace=ud.settings.namespace)
-    return int(ray.get(h.info.remote(), timeout=30)["pid"])
+    info: Any = ray.get(h.info.remote(), timeout=30)
+    return int(info["pid"])
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:

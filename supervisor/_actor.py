@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -88,8 +89,22 @@ class SupervisorActor:
                                       "lost_calls": 0, "timers": 0, "boots": 1}
         self._boot: asyncio.Task[None] | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=300)  # recent events, for `info`
-        # Ray restarts this actor with no caller; it boots itself.
-        ray.get_runtime_context().current_actor.boot.remote()
+        # Ray restarts this actor with no caller; it boots itself, from a thread that asks
+        # until a boot succeeds: a call made while Ray still reports the actor restarting
+        # fails ("The actor is restarting"), and a boot can fail (Redis down)
+        threading.Thread(target=self._boot_self, args=(ray.get_runtime_context().current_actor,),
+                         name="self-boot", daemon=True).start()
+
+    def _boot_self(self, me: Any) -> None:
+        delay = 0.05
+        while True:
+            try:
+                ray.get(me.boot.remote(), timeout=120)
+                return
+            except Exception as exc:
+                self.log.append(f"{time.time():.3f} self-boot -> {type(exc).__name__}"[:300])
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -146,7 +161,9 @@ class SupervisorActor:
         states: dict[str, int] = {}
         for r in self.view.runs.values():
             states[r.state] = states.get(r.state, 0) + 1
-        return {**self.stats, "runs": len(self.view.runs), "states": states,
+        booted = (self._boot is not None and self._boot.done() and not self._boot.cancelled()
+                  and self._boot.exception() is None)
+        return {**self.stats, "booted": booted, "runs": len(self.view.runs), "states": states,
                 "nodes": sorted(self.alive_nodes), "pid": os.getpid(),
                 "pool": sorted(n for n, t in self.watchers.items() if not t.done())}
 

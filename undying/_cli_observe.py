@@ -13,11 +13,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,20 @@ def _save_cursor(path: Path, cursors: dict[str, str]) -> None:
     os.replace(tmp, path)  # whole or not at all: a watch killed mid-write keeps the old one
 
 
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) back until the block is done (main thread, POSIX)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     ud = _client()
     cursor_file = Path(args.cursor) if args.cursor else None
@@ -79,15 +97,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if rid == args.run and ev.kind != "restart":
             root_status = ev.status
         if args.json:
-            print(json.dumps({"id": eid, "run_id": rid, **ev.model_dump(mode="json")}), flush=True)
+            line = json.dumps({"id": eid, "run_id": rid, **ev.model_dump(mode="json")})
         else:
             depth, name = _name(rid, args.run)
             label = f"{'  ' * depth}{name}" if args.tree else ""
             size = ev.snapshot_bytes or ev.delta_bytes
-            print(f"{eid:<16} {label + ' ' if label else ''}step {ev.step:4d} {ev.kind:<13} "
-                  f"{ev.status:<9} {size:6d} B  {ev.summary[:80]}", flush=True)
-        if cursor_file is not None:
-            _save_cursor(cursor_file, cursors)
+            line = (f"{eid:<16} {label + ' ' if label else ''}step {ev.step:4d} {ev.kind:<13} "
+                    f"{ev.status:<9} {size:6d} B  {ev.summary[:80]}")
+        # an event is shown and its cursor saved together: a Ctrl-C between the two would
+        # show it again after a reconnect (SIGINT waits until both are done)
+        with _no_sigint():
+            print(line, flush=True)
+            if cursor_file is not None:
+                _save_cursor(cursor_file, cursors)
     status = root_status or ud.info(args.run).status
     return 0 if status == "finished" else 2
 

@@ -147,24 +147,21 @@ def supervisor_pid(ud: Undying) -> int:
 
 
 def boot_supervisor(ud: Undying, timeout: float = 30) -> int:
-    """Ask the supervisor Ray restarted to boot (idempotent), retrying while it is still
-    restarting; returns its pid.
-
-    A restarted supervisor boots itself by calling its own ``boot`` from ``__init__``, but
-    that call, made with no retries, sometimes fails with ACTOR_UNAVAILABLE ("The actor is
-    restarting") and the supervisor then never scans, never rebuilds its pool and never
-    serves the exporter (a run whose executor died with a claimed call stays stuck). That
-    is a product bug, reported; this test leaves it out by booting the supervisor here.
-    """
+    """Wait until the supervisor Ray restarted has booted by itself (no caller asks it to:
+    it boots from a thread of its own, retrying while Ray still reports it restarting);
+    returns its pid."""
     import ray
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return int(ray.get(ud.supervisor().boot.remote(), timeout=timeout)["pid"])
+            info = ray.get(ud.supervisor().info.remote(), timeout=timeout)
+            if info.get("booted"):
+                return int(info["pid"])
         except ray.exceptions.ActorUnavailableError:
-            assert time.monotonic() < deadline, "the supervisor never came back"
-            time.sleep(0.05)
+            pass
+        assert time.monotonic() < deadline, "the supervisor never booted again"
+        time.sleep(0.05)
 
 
 def diagnose(ud: Undying, root: str, *marks: float) -> str:

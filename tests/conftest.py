@@ -52,6 +52,14 @@ def private_redis(tmp_root: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
+@pytest.fixture(scope="module")
+def module_redis(tmp_root: Path) -> Iterator[RedisServer]:
+    """A server of this test module's own (AOF always), shared by its tests."""
+    server = RedisServer(tmp_root / f"redis-m-{uuid.uuid4().hex[:8]}", appendfsync="always").start()
+    yield server
+    server.kill()
+
+
 class _RayState:
     """Which Ray this test process is attached to: one local instance shared by the
     session, or a module's multi-node `Cluster` (they cannot coexist in one driver)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from undying import Undying
+from undying import Settings, Undying
 from undying.actors.pool import executor_name, shutdown_pool
 from undying.persistence import TERMINAL, RunNotFound
 
@@ -85,6 +88,20 @@ def calls_of(ud: Undying, run_id: str) -> dict[str, int]:
         call = by_key.get(k.split("|", 1)[1], k)
         out[call] = out.get(call, 0) + n
     return out
+
+
+@contextlib.contextmanager
+def pool_client(redis_url: str, tag: str, *, policy: dict[str, Any] | None = None,
+                **actor_options: Any) -> Iterator[Undying]:
+    """A client on a namespace of its own, with its supervisor (which fires timers and
+    restarts runs) and pool started; torn down (by handle) at the end."""
+    client = Undying(Settings(redis_url=redis_url, namespace=f"{tag}-{uuid.uuid4().hex[:6]}"),
+                     policy=policy, actor_options=actor_options)
+    client.supervisor()
+    try:
+        yield client
+    finally:
+        teardown(client)
 
 
 def teardown(ud: Undying) -> None:

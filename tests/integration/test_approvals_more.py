@@ -13,15 +13,14 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.integration._faults import executor_pid, kill, teardown
+from tests.integration._faults import executor_pid, kill, pool_client
 from tests.integration._tree_agents import root, task
 from tests.integration.test_approvals import _cli, _waiting_for_approval
 from tests.integration.test_side_effects import passivated, wait_event
-from undying import Settings, Undying
+from undying import Undying
 from undying._client import ApprovalError
 from undying.actors._state import args_hash
 from undying.persistence import RedisServer
@@ -33,20 +32,10 @@ CALL = "t2.0"  # the sink agent's delivery: step 2, the model's first tool call
 
 
 @pytest.fixture(scope="module")
-def am_redis(tmp_root: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_root / f"redis-am-{uuid.uuid4().hex[:6]}", appendfsync="always").start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def ud(ray_local: None, am_redis: RedisServer) -> Iterator[Undying]:
-    client = Undying(Settings(redis_url=am_redis.url, namespace=f"am-{uuid.uuid4().hex[:6]}"),
-                     policy={"max_restarts": 3, "window_s": 60, "backoff_base_s": 0.2},
-                     actor_options={"hosts_per_node": 2})
-    client.supervisor()
-    yield client
-    teardown(client)
+def ud(ray_local: None, module_redis: RedisServer) -> Iterator[Undying]:
+    with pool_client(module_redis.url, "am", hosts_per_node=2,
+                     policy={"max_restarts": 3, "window_s": 60, "backoff_base_s": 0.2}) as client:
+        yield client
 
 
 def test_an_always_approval_waits_passivated_and_records_who_approved_and_when(
@@ -80,7 +69,7 @@ def test_an_always_approval_waits_passivated_and_records_who_approved_and_when(
 
 
 def test_in_doubt_calls_are_listed_and_settled_from_the_cli(ud: Undying,
-                                                            am_redis: RedisServer) -> None:
+                                                            module_redis: RedisServer) -> None:
     outcomes = ("done", "failed", "retry")
     with HttpSink() as sink:
         items = {o: f"{o}-{uuid.uuid4().hex[:8]}" for o in outcomes}
@@ -96,14 +85,14 @@ def test_in_doubt_calls_are_listed_and_settled_from_the_cli(ud: Undying,
             passivated(ud, runs[o])
             assert ud.state(runs[o]).journal[CALL].status == "in_doubt"
 
-        listed = _cli(ud, am_redis, "in-doubt")
+        listed = _cli(ud, module_redis, "in-doubt")
         assert listed.returncode == 0, listed.stderr
         rows = sorted(ln.split("  ")[:3] for ln in listed.stdout.splitlines())
         assert rows == sorted([r, CALL, "http_post_once"] for r in runs.values()), listed.stdout
 
         checked = json.dumps({"status": 200, "body": json.dumps({"receipt": "checked by ops"})})
         for o, extra in (("done", [checked]), ("failed", ["it bounced"]), ("retry", [])):
-            out = _cli(ud, am_redis, "resolve", runs[o], CALL, f"--{o}", *extra, "--by", "ops")
+            out = _cli(ud, module_redis, "resolve", runs[o], CALL, f"--{o}", *extra, "--by", "ops")
             assert out.returncode == 0, out.stderr
             assert f"{CALL} of {runs[o]} settled: {o} (by ops)" in out.stdout
         res = {o: ud.wait(runs[o], timeout=60) for o in outcomes}
@@ -130,7 +119,7 @@ def test_in_doubt_calls_are_listed_and_settled_from_the_cli(ud: Undying,
         assert settled.resolution is not None and settled.resolution["by"] == "ops"
         assert settled.resolution["outcome"] == o and settled.resolution["at_ms"] > 0
         assert [e.kind for e in ud.history(runs[o])].count("resolve") == 1
-    after = _cli(ud, am_redis, "in-doubt")
+    after = _cli(ud, module_redis, "in-doubt")
     assert after.returncode == 0 and after.stdout.strip() == "no tool call is in doubt"
     with pytest.raises(ApprovalError, match="is not in doubt"):
         ud.resolve(runs["done"], CALL, "retry", by="ops")

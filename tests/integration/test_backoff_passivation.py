@@ -20,15 +20,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration._faults import teardown
-from undying import Settings, Undying
+from tests.integration._faults import pool_client
+from undying import Undying
 from undying.actors import Agent, ModelSpec
 from undying.actors._retries import model_calls
 from undying.actors.pool import pool_actors
@@ -44,20 +42,9 @@ PATH = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
-def bo_redis(tmp_root: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_root / f"redis-bo-{uuid.uuid4().hex[:6]}",
-                         appendfsync="always").start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def ud(ray_local: None, bo_redis: RedisServer) -> Iterator[Undying]:
-    client = Undying(Settings(redis_url=bo_redis.url, namespace=f"bo-{uuid.uuid4().hex[:6]}"),
-                     actor_options={"hosts_per_node": 2})
-    client.supervisor()  # it fires the timers
-    yield client
-    teardown(client)
+def ud(ray_local: None, module_redis: RedisServer) -> Iterator[Undying]:
+    with pool_client(module_redis.url, "bo", hosts_per_node=2) as client:  # its supervisor fires timers
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,14 @@ dollars both have to reach the parent's delegation totals.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.integration._faults import teardown
+from tests.integration._faults import pool_client
 from tests.integration._tree_agents import http_model, root, task
 from tests.integration.test_approvals import _waiting_for_approval
-from undying import Settings, Undying
+from undying import Undying
 from undying.actors import ChildResult
 from undying.actors._state import Envelope
 from undying.persistence import RedisServer, unpack, validate
@@ -40,20 +38,10 @@ DEAD_OWNER = "test-host#gone|no-node|0"  # pid 0: nothing for anyone to kill
 
 
 @pytest.fixture(scope="module")
-def rc_redis(tmp_root: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_root / f"redis-rc-{uuid.uuid4().hex[:6]}", appendfsync="always").start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def ud(ray_local: None, rc_redis: RedisServer) -> Iterator[Undying]:
-    client = Undying(Settings(redis_url=rc_redis.url, namespace=f"rc-{uuid.uuid4().hex[:6]}"),
-                     policy={"max_restarts": 5, "window_s": 60, "backoff_base_s": 0.1},
-                     actor_options={"hosts_per_node": 2})
-    client.supervisor()
-    yield client
-    teardown(client)
+def ud(ray_local: None, module_redis: RedisServer) -> Iterator[Undying]:
+    with pool_client(module_redis.url, "rc", hosts_per_node=2,
+                     policy={"max_restarts": 5, "window_s": 60, "backoff_base_s": 0.1}) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

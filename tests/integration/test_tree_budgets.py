@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration._faults import teardown
+from tests.integration._faults import pool_client
 from tests.integration._tree_agents import http_model, root, task, walled
 from tests.integration.test_approvals import _waiting_for_approval
-from undying import Settings, Undying
+from undying import Undying
 from undying.actors import Budgets
 from undying.actors.provider_server import ProviderServer
 from undying.persistence import TERMINAL, RedisServer, RunInfo
@@ -38,20 +36,10 @@ PRICES = {"price_in_per_mtok": 0.0, "price_out_per_mtok": 1000.0}  # $1 per 1,00
 
 
 @pytest.fixture(scope="module")
-def tb_redis(tmp_root: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_root / f"redis-tb-{uuid.uuid4().hex[:6]}", appendfsync="always").start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def ud(ray_local: None, tb_redis: RedisServer) -> Iterator[Undying]:
-    client = Undying(Settings(redis_url=tb_redis.url, namespace=f"tb-{uuid.uuid4().hex[:6]}"),
-                     policy={"max_restarts": 5, "window_s": 60, "backoff_base_s": 0.1},
-                     actor_options={"hosts_per_node": 2})
-    client.supervisor()
-    yield client
-    teardown(client)
+def ud(ray_local: None, module_redis: RedisServer) -> Iterator[Undying]:
+    with pool_client(module_redis.url, "tb", hosts_per_node=2,
+                     policy={"max_restarts": 5, "window_s": 60, "backoff_base_s": 0.1}) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

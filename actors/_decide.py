@@ -371,8 +371,7 @@ def _delegate(state: RunState, d: Delegation, tc: ToolCallRequest, step: int,
 
 def _too_many_errors(state: RunState, errors: int, last: str) -> str:
     limit = state.context.budgets.max_model_errors
-    return (f"budget exceeded: malformed model turns {errors} > {limit} "
-            f"(model made {errors} malformed turns), last: {last}")
+    return f"budget exceeded: malformed model turns {errors} > {limit}, last: {last}"
 
 
 def _model_error(state: RunState, convo: list[ChatMessage], pending: dict[str, PendingEffect],

@@ -91,6 +91,7 @@ class RunHost:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.stats = {"activations": 0, "steps": 0, "busy": 0, "fenced": 0, "crashed": 0,
+                      "lingered": 0,
                       "warm": 0, "loaded": 0}
         # runs this host passivated, kept to re-activate them without a reload (see
         # RunEngine.activate); their next wake-up is queued to this host first
@@ -180,7 +181,7 @@ class RunHost:
         got = self.store.wait_inbox(run_id, engine.read_cursor, self.hid, self.linger_ms)
         if got:
             engine.feed(got)  # what XREAD returned: no second read
-            self.stats["lingered"] = self.stats.get("lingered", 0) + 1
+            self.stats["lingered"] += 1
             return True
         return False
 

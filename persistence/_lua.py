@@ -300,6 +300,9 @@ if not status or TERMINAL[status] then
   return {'GONE', ''}
 end
 local cur = redis.call('HGET', KEYS[2], ARGV[2])
+-- its own claim: a retry after a lost reply (a second copy of a dispatch sent to the same
+-- executor is refused by the executor, which knows what it is running)
+if cur == ARGV[3] .. '|c|' .. ARGV[4] then return {'OK', ''} end
 if cur ~= ARGV[3] .. '|q' then return {'SKIP', cur or ''} end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '|c|' .. ARGV[4])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[6]) + tonumber(ARGV[5]), member)

@@ -308,13 +308,7 @@ class RedisActivation:
             keys=[_k(run_id, "meta"), _k(run_id, "fx"), FX_DUE, _execset(executor)],
             args=[run_id, effect_id, attempt, f"{executor}#{incarnation}", lease_ms, _now_ms(),
                   member]))
-        status, cur = _s(res[0]).lower(), _s(res[1])
-        if status == "skip" and cur == f"{attempt}|c|{executor}#{incarnation}":
-            # claimed by this very executor: a retry (ours or redis-py's) after a lost reply
-            # finds its own claim. (A second copy of one dispatch sent to the same executor
-            # is refused by the executor itself, which knows what it is running.)
-            return Claim("ok")
-        return Claim(status, cur)
+        return Claim(_s(res[0]).lower(), _s(res[1]))
 
     def fx_start(self, run_id: str, effect_id: str, attempt: int) -> bool:
         return bool(self._retry(lambda: self._fx_start(keys=[_k(run_id, "fx")],

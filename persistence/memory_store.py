@@ -460,7 +460,7 @@ class MemoryStore:
                 return Claim("gone")
             cur = run.fx.get(effect_id)
             if cur == f"{attempt}|c|{executor}#{incarnation}":
-                return Claim("ok")  # its own claim (see RedisActivation.fx_claim)
+                return Claim("ok")  # its own claim (see FX_CLAIM in _lua.py)
             if cur != f"{attempt}|q":
                 return Claim("skip", cur or "")
             run.fx[effect_id] = f"{attempt}|c|{executor}#{incarnation}"

@@ -462,5 +462,5 @@ def test_too_many_unknown_tool_calls_fail_the_run_naming_the_limit_and_the_last_
                                     message=ChatMessage(role="assistant", tool_calls=(call,))))
     assert s.status == "failed"
     assert (s.error or "").startswith(
-        "budget exceeded: malformed model turns 2 > 1 (model made 2 malformed turns), "
-        "last: unknown tool 'frobnicate'; available: "), s.error
+        "budget exceeded: malformed model turns 2 > 1, last: unknown tool 'frobnicate'; "
+        "available: "), s.error

@@ -39,13 +39,16 @@ def in_model_call(ud: Undying, run_id: str, min_step: int, timeout: float = 60) 
     raise AssertionError(f"run {run_id} never reached step {min_step} in a model call")
 
 
-def while_active(ud: Undying, run_id: str, timeout: float = 60) -> dict[str, Any]:
+def while_active(ud: Undying, run_id: str, timeout: float = 60,
+                 min_step: int = 0) -> dict[str, Any]:
     """Wait until a host holds the run (use a pool with ``pause_after_commit_s``, so that
-    the host is then paused between a commit and its relays and dispatches)."""
+    the host is then paused between a commit and its relays and dispatches), and the run
+    has committed at least ``min_step`` steps (a host caught just after activating it has
+    committed nothing yet in that activation)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = ud.actor_info(run_id)
-        if info is not None and info["pid"]:
+        if info is not None and info["pid"] and ud.info(run_id).step >= min_step:
             return info
         try:
             status = ud.info(run_id).status

@@ -92,7 +92,7 @@ def test_executor_sigkilled_twice_the_run_goes_on_by_itself(ud: Undying, referen
 def test_host_sigkilled_between_commit_and_dispatch_then_resumed(ud: Undying,
                                                                  reference: Reference) -> None:
     h = ud.start(agent, TASK)
-    victim = while_active(ud, h.run_id)
+    victim = while_active(ud, h.run_id, min_step=1)
     kill(victim["pid"])  # paused after a commit: its calls were never dispatched
     ud.resume(h.run_id)  # waits out the dead host's lease, then queues the run
     _check(ud, h.run_id, reference)

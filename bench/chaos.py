@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from undying import Settings, Undying
-from undying.actors.pool import executor_name, pool_actors
+from undying.actors.pool import executor_name, executor_names, pool_actors
 from undying.actors.research import slow_agent
 from undying.persistence import TERMINAL, RedisServer, RunExists, RunNotFound, UndyingError
 from undying.testing import MemoryStore, run_inline
@@ -308,8 +308,9 @@ def _owner(ud: Undying, rid: str) -> tuple[int, str, str, int]:
 
 
 def _claims(ud: Undying, node: str) -> set[tuple[str, str, int]]:
-    """Dispatches the node's executor has claimed and not completed: (run, effect, attempt)."""
-    return {(r, e, a) for r, e, a, _inc in ud.store.executor_claims(executor_name(node))}  # type: ignore[attr-defined]
+    """Dispatches the node's executors have claimed and not completed: (run, effect, attempt)."""
+    return {(r, e, a) for name in executor_names(node)
+            for r, e, a, _inc in ud.store.executor_claims(name)}  # type: ignore[attr-defined]
 
 
 # -- the environment: Redis, a multi-node cluster, the client ---------------------------------

@@ -13,7 +13,7 @@ import pytest
 from tests.integration._faults import TASK, calls_of, teardown
 from tests.integration.test_ray_runs import reference_of
 from undying import Settings, Undying
-from undying.actors.pool import executor_name
+from undying.actors.pool import executor_names
 from undying.actors.research import agent, slow_agent
 from undying.persistence import TERMINAL, RedisServer
 
@@ -28,8 +28,10 @@ def redis_mn(tmp_root: Path) -> Iterator[RedisServer]:
 
 
 def _claims_by_node(ud: Undying, nodes: list[str]) -> dict[str, set[str]]:
-    """Runs whose calls are running on each node's executor now."""
-    return {n: {c[0] for c in ud.store.executor_claims(executor_name(n))}  # type: ignore[attr-defined]
+    """Runs whose calls are running on each node's executors now (the first, or its standby
+    while it is replaced)."""
+    return {n: {c[0] for name in executor_names(n)
+                for c in ud.store.executor_claims(name)}  # type: ignore[attr-defined]
             for n in nodes}
 
 
